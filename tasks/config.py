@@ -1,0 +1,253 @@
+"""The one typed configuration of gpupipe, loaded from TOML and overridable by dotted keys."""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DeviceChoice = Literal["auto", "cpu", "gpu"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Strict):
+    """Describes any tabular dataset: where it is and what its columns mean."""
+
+    source: str = Field(description="Path, directory or glob of parquet or CSV files.")
+    format: Literal["auto", "parquet", "csv"] = "auto"
+    target: str = Field(description="Binary 0/1 label column.")
+    id: str = Field(description="Unique row identifier column.")
+    numeric: list[str] = Field(default_factory=list)
+    categorical: list[str] = Field(default_factory=list)
+    timestamp: str | None = Field(
+        default=None, description="If set, the split is time-ordered; otherwise seeded stratified."
+    )
+
+    @model_validator(mode="after")
+    def _columns_distinct(self) -> DataConfig:
+        named = [self.target, self.id, *self.numeric, *self.categorical]
+        if self.timestamp:
+            named.append(self.timestamp)
+        duplicated = sorted({c for c in named if named.count(c) > 1})
+        if duplicated:
+            raise ValueError(f"data: columns listed in more than one role: {duplicated}")
+        if not self.numeric and not self.categorical:
+            raise ValueError("data: at least one numeric or categorical column is required")
+        return self
+
+
+class EntityAggregate(_Strict):
+    """Per-entity statistics of one numeric column, computed on the training window only."""
+
+    key: str = Field(description="Entity column, e.g. card_id.")
+    value: str = Field(description="Numeric column aggregated per entity, e.g. amount.")
+
+
+class FeaturesConfig(_Strict):
+    entities: list[EntityAggregate] = Field(default_factory=list)
+    time_features: bool = True
+    clip_quantiles: tuple[float, float] = (0.001, 0.999)
+    target_smoothing: float = Field(default=50.0, ge=0.0)
+    histogram_bins: int = Field(default=10, ge=2, le=100)
+
+    @field_validator("clip_quantiles")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = v
+        if not 0.0 <= lo < hi <= 1.0:
+            raise ValueError(f"features.clip_quantiles must satisfy 0 <= lo < hi <= 1, got {v}")
+        return v
+
+
+class SplitConfig(_Strict):
+    valid_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    test_fraction: float = Field(default=0.15, gt=0.0, lt=0.5)
+    seed: int = 42
+
+
+class XGBoostConfig(_Strict):
+    n_estimators: int = Field(default=300, ge=1)
+    max_depth: int = Field(default=8, ge=1, le=20)
+    learning_rate: float = Field(default=0.1, gt=0.0)
+    subsample: float = Field(default=0.9, gt=0.0, le=1.0)
+    colsample_bytree: float = Field(default=0.9, gt=0.0, le=1.0)
+    early_stopping_rounds: int = Field(default=20, ge=1)
+    max_bin: int = Field(default=256, ge=16)
+
+
+class MLPConfig(_Strict):
+    enabled: bool = True
+    hidden: list[int] = Field(default_factory=lambda: [64, 32])
+    epochs: int = Field(default=4, ge=1)
+    batch_size: int = Field(default=4096, ge=16)
+    learning_rate: float = Field(default=2e-3, gt=0.0)
+    max_train_rows: int = Field(default=2_000_000, ge=1000)
+
+
+class ModelConfig(_Strict):
+    xgboost: XGBoostConfig = XGBoostConfig()
+    mlp: MLPConfig = MLPConfig()
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    onnx_parity_atol: float = Field(default=1e-4, gt=0.0)
+
+
+class RegistryConfig(_Strict):
+    tracking_uri: str | None = Field(
+        default=None, description="MLflow tracking URI; default sqlite:///<home>/mlflow.db."
+    )
+    experiment: str = "gpupipe"
+    model_prefix: str = "gpupipe"
+    promotion_metric: Literal["roc_auc", "pr_auc", "log_loss"] = "pr_auc"
+    min_improvement: float = Field(default=0.0, ge=0.0)
+
+
+class PublishConfig(_Strict):
+    model_repo: str = "model_repo"
+    max_batch_size: int = Field(default=65536, ge=1)
+    preferred_batch_sizes: list[int] = Field(default_factory=lambda: [4096, 16384])
+    max_queue_delay_microseconds: int = Field(default=2000, ge=0)
+
+
+class ScoringConfig(_Strict):
+    partition_rows: int = Field(default=2_000_000, ge=1)
+    files_per_task: int = Field(default=0, ge=0, description="0 = choose from the cluster size.")
+    max_quarantined_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+
+
+class ClusterConfig(_Strict):
+    address: str | None = Field(default=None, description="Existing scheduler; None = local.")
+    n_workers: int | None = Field(default=None, ge=1)
+    threads_per_worker: int = Field(default=1, ge=1)
+    rmm_pool_size: str | None = None
+    device_memory_limit: str | None = "0.8"
+
+
+class PipelineConfig(_Strict):
+    """Everything one run of gpupipe needs; every default works on a laptop with no GPU."""
+
+    data: DataConfig
+    features: FeaturesConfig = FeaturesConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    registry: RegistryConfig = RegistryConfig()
+    publish: PublishConfig = PublishConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    device: DeviceChoice = "auto"
+    home: str = ".gpupipe"
+    etl_partition_rows: int = Field(default=1_000_000, ge=1000)
+
+    @model_validator(mode="after")
+    def _entities_known(self) -> PipelineConfig:
+        raw = {self.data.id, *self.data.numeric, *self.data.categorical}
+        for e in self.features.entities:
+            if e.value not in self.data.numeric:
+                raise ValueError(
+                    f"features.entities: value column {e.value!r} must be listed in data.numeric"
+                )
+            if e.key in {self.data.target, self.data.timestamp}:
+                raise ValueError(f"features.entities: key {e.key!r} cannot be target or timestamp")
+        _ = raw
+        return self
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        if self.registry.tracking_uri:
+            return self.registry.tracking_uri
+        return f"sqlite:///{self.home_path / 'mlflow.db'}"
+
+    @property
+    def model_repo_path(self) -> Path:
+        return Path(self.publish.model_repo).expanduser().resolve()
+
+    def model_name(self, kind: str) -> str:
+        """Registered-model name for a model kind (`xgboost` or `mlp`)."""
+        return f"{self.registry.model_prefix}-{kind}"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that cannot be used, with the reason."""
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse `a.b=VALUE`, where VALUE is read as TOML (falls back to a plain string)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, e.g. model.xgboost.max_depth=6")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def config_from_mapping(
+    tree: dict[str, Any], overrides: dict[str, Any] | None = None, origin: str = "<mapping>"
+) -> PipelineConfig:
+    """Validate a nested mapping (plus dotted-key overrides) into a PipelineConfig."""
+    merged: dict[str, Any] = _deep_copy(tree)
+    for key, value in (overrides or {}).items():
+        _set_dotted(merged, key, value)
+    try:
+        return PipelineConfig.model_validate(merged)
+    except ValueError as exc:
+        raise ConfigError(f"{origin}: invalid configuration:\n{exc}") from exc
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Load a TOML config file. Relative data/home/model_repo paths stay relative to the CWD."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        tree = tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML: {exc}") from exc
+    return config_from_mapping(tree, overrides, origin=str(p))
+
+
+def builtin_config(data_dir: str | Path, home: str | Path, **overrides: Any) -> PipelineConfig:
+    """Config for the built-in card-transaction dataset written by `gpupipe generate`."""
+    tree: dict[str, Any] = {
+        "data": {
+            "source": str(Path(data_dir) / "*.parquet"),
+            "target": "is_fraud",
+            "id": "transaction_id",
+            "timestamp": "timestamp",
+            "numeric": ["amount", "customer_age"],
+            "categorical": ["mcc", "channel", "country"],
+        },
+        "features": {
+            "entities": [
+                {"key": "card_id", "value": "amount"},
+                {"key": "merchant_id", "value": "amount"},
+            ]
+        },
+        "home": str(home),
+    }
+    return config_from_mapping(tree, overrides, origin="built-in config")
+
+
+def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
+    return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}

@@ -1,0 +1,513 @@
+"""ETL: raw table -> split -> fitted transform spec (+ entity lookups) -> feature parquet.
+
+Written against dask.dataframe so the same code runs with the pandas or the cuDF backend. Every
+statistic is computed on the training split only: no label or future leakage into valid/test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dask
+import dask.dataframe as dd
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from kernels.reference import fused_preprocess_reference
+from tasks.backend import Backend
+from tasks.config import PipelineConfig
+from tasks.io import ColumnRoles, DataError, check_files, discover_files, files_fingerprint
+from tasks.numpy_features import (
+    TIME_FEATURES_DEFAULT,
+    feature_columns,
+    kernel_arrays,
+    load_lookup_npz,
+    save_lookup_npz,
+)
+from tasks.spec import (
+    CategoricalFeature,
+    EntityTable,
+    Histogram,
+    NumericFeature,
+    TransformSpec,
+)
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+SPLIT_COLUMN = "__split"
+STATS_SAMPLE_ROWS = 2_000_000
+Lookups = dict[str, dict[str, npt.NDArray[Any]]]
+
+
+@dataclass(frozen=True)
+class EtlOutput:
+    """Where the ETL wrote its results; passed between flows as plain paths."""
+
+    root: Path
+    fingerprint: str
+    backend: str
+    rows: dict[str, int]
+
+    @property
+    def transform_dir(self) -> Path:
+        return self.root / "transform"
+
+    def features_dir(self, split: str) -> Path:
+        return self.root / "features" / split
+
+    @property
+    def raw_test_dir(self) -> Path:
+        return self.root / "raw_test"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "root": str(self.root),
+            "fingerprint": self.fingerprint,
+            "backend": self.backend,
+            "rows": self.rows,
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> EtlOutput:
+        return cls(Path(d["root"]), d["fingerprint"], d["backend"], dict(d["rows"]))
+
+    @classmethod
+    def load(cls, root: Path) -> EtlOutput:
+        """Read `etl.json` under root; the directory may have been moved since it was written."""
+        stored = json.loads((root / "etl.json").read_text())
+        return cls.from_json({**stored, "root": str(root)})
+
+
+def column_roles(cfg: PipelineConfig, *, with_target: bool = True) -> ColumnRoles:
+    d = cfg.data
+    roles: dict[str, Any] = {d.id: "id"}
+    if with_target:
+        roles[d.target] = "target"
+    roles.update({c: "numeric" for c in d.numeric})
+    roles.update({c: "categorical" for c in d.categorical})
+    if d.timestamp:
+        roles[d.timestamp] = "timestamp"
+    for e in cfg.features.entities:
+        roles.setdefault(e.key, "key")
+    return ColumnRoles(roles)
+
+
+def etl_fingerprint(files: Sequence[Path], cfg: PipelineConfig, backend: Backend) -> str:
+    """Cache key: the input files plus every setting that changes the ETL output."""
+    salt = json.dumps(
+        {
+            "data": cfg.data.model_dump(),
+            "features": cfg.features.model_dump(),
+            "split": cfg.split.model_dump(),
+            "backend": backend.device,
+            "version": 1,
+        },
+        sort_keys=True,
+    )
+    return files_fingerprint(files, salt)
+
+
+def read_raw(files: Sequence[Path], cfg: PipelineConfig, roles: ColumnRoles) -> dd.DataFrame:
+    """Lazily read the raw columns; one partition per file (or per parquet row group)."""
+    cols = roles.columns
+    fmt = cfg.data.format
+    if fmt == "csv" or (fmt == "auto" and files[0].suffix.lower() == ".csv"):
+        ddf = dd.read_csv([str(f) for f in files], usecols=cols)
+        if cfg.data.timestamp:
+            ddf[cfg.data.timestamp] = dd.to_datetime(ddf[cfg.data.timestamp], format="ISO8601")
+        return ddf
+    return dd.read_parquet([str(f) for f in files], columns=cols)
+
+
+def _host(values: Any) -> npt.NDArray[Any]:
+    """A column (pandas, cuDF, NumPy or CuPy) as a NumPy array."""
+    if hasattr(values, "to_numpy") and not hasattr(values, "values_host"):
+        return np.asarray(values.to_numpy())
+    if hasattr(values, "values_host"):
+        return np.asarray(values.values_host)
+    if hasattr(values, "get"):
+        return np.asarray(values.get())
+    return np.asarray(values)
+
+
+def assign_split(
+    part: pd.DataFrame,
+    *,
+    target: str,
+    timestamp: str | None,
+    cuts: tuple[int, int] | None,
+    valid_fraction: float,
+    test_fraction: float,
+    seed: int,
+    partition_info: dict[str, Any] | None = None,
+) -> pd.DataFrame:
+    """Label each row 0 train / 1 valid / 2 test.
+
+    With a timestamp: rows before cuts[0] train, before cuts[1] valid, the rest test (missing
+    timestamps train). Without: a seeded split stratified by target within each partition.
+    """
+    n = len(part)
+    labels = np.zeros(n, np.int8)
+    if timestamp is not None and cuts is not None:
+        ts = _host(part[timestamp]).astype("datetime64[us]").astype(np.int64)
+        valid_ts = ts != np.iinfo(np.int64).min
+        labels[valid_ts & (ts >= cuts[0])] = 1
+        labels[valid_ts & (ts >= cuts[1])] = 2
+    else:
+        number = partition_info["number"] if partition_info else 0
+        rng = np.random.default_rng([seed, number])
+        y = _host(part[target])
+        for cls in (0, 1):
+            idx = np.flatnonzero(y == cls)
+            rng.shuffle(idx)
+            n_test = round(len(idx) * test_fraction)
+            n_valid = round(len(idx) * valid_fraction)
+            labels[idx[:n_test]] = 2
+            labels[idx[n_test : n_test + n_valid]] = 1
+    return part.assign(**{SPLIT_COLUMN: labels})
+
+
+def time_cuts(
+    ddf: dd.DataFrame, timestamp: str, valid_fraction: float, test_fraction: float, seed: int
+) -> tuple[int, int]:
+    """Timestamps (int64 microseconds) at which valid and test begin.
+
+    Exact quantiles of a uniform sample of at most STATS_SAMPLE_ROWS timestamps: dask's
+    approximate quantile is too coarse on time-partitioned files.
+    """
+    ts = ddf[timestamp].dropna().astype("datetime64[us]").astype("int64")
+    n = int(ts.count().compute())
+    if n == 0:
+        raise DataError(f"column {timestamp!r}: every timestamp is missing")
+    frac = min(1.0, STATS_SAMPLE_ROWS / n)
+    sample = _host((ts.sample(frac=frac, random_state=seed) if frac < 1.0 else ts).compute())
+    q = np.quantile(sample, [1.0 - valid_fraction - test_fraction, 1.0 - test_fraction])
+    return int(q[0]), int(q[1])
+
+
+def _native_list(values: npt.NDArray[Any]) -> list[Any]:
+    if values.dtype.kind in "iub":
+        return [int(v) for v in values]
+    return [str(v) for v in values]
+
+
+def smoothed_rate(
+    pos: npt.NDArray[Any], n: npt.NDArray[Any], prior: float, m: float
+) -> npt.NDArray[np.float64]:
+    return (np.asarray(pos, np.float64) + m * prior) / (np.asarray(n, np.float64) + m)
+
+
+def fit_categorical(
+    train: dd.DataFrame, column: str, target: str, prior: float, smoothing: float
+) -> CategoricalFeature:
+    """Vocabulary (sorted) and smoothed target rate per category, from training rows."""
+    stats = train.groupby(column).agg(pos=(target, "sum"), n=(target, "count")).compute()
+    stats = stats.to_pandas() if hasattr(stats, "to_pandas") else stats
+    stats = stats.sort_index()
+    keys = np.asarray(stats.index.to_numpy())
+    if keys.dtype.kind not in "iub":
+        keys = keys.astype(str)
+        order = np.argsort(keys, kind="stable")
+        keys, stats = keys[order], stats.iloc[order]
+    rates = smoothed_rate(stats["pos"].to_numpy(), stats["n"].to_numpy(), prior, smoothing)
+    return CategoricalFeature(
+        name=column, vocabulary=_native_list(keys), encoding=[float(r) for r in rates], unseen=prior
+    )
+
+
+def fit_entity(
+    train: dd.DataFrame, key: str, value: str, target: str, prior: float, smoothing: float
+) -> tuple[EntityTable, dict[str, npt.NDArray[Any]]]:
+    """Per-entity count, mean and std of `value` and smoothed target rate, from training rows."""
+    work = train[[key, value, target]].assign(**{value: train[value].astype("float64")})
+    stats = (
+        work.groupby(key)
+        .agg(count=(target, "count"), mean=(value, "mean"), std=(value, "std"), pos=(target, "sum"))
+        .compute()
+    )
+    stats = stats.to_pandas() if hasattr(stats, "to_pandas") else stats
+    stats = stats.sort_index()
+    values = work[value].dropna()
+    prior_mean, prior_std = dask.compute(values.mean(), values.std())
+    prior_mean = float(prior_mean) if np.isfinite(prior_mean) else 0.0
+    prior_std = float(prior_std) if np.isfinite(prior_std) and prior_std > 0 else 1.0
+    lookup = {
+        "key": np.asarray(stats.index.to_numpy()),
+        "count": stats["count"].to_numpy(np.float64),
+        "mean": stats["mean"].fillna(prior_mean).to_numpy(np.float64),
+        "std": stats["std"].fillna(prior_std).to_numpy(np.float64),
+        "target_rate": smoothed_rate(
+            stats["pos"].to_numpy(), stats["count"].to_numpy(), prior, smoothing
+        ),
+    }
+    table = EntityTable(
+        key=key,
+        value=value,
+        file=f"entity_{key}.npz",
+        prior_mean=prior_mean,
+        prior_std=prior_std,
+        prior_target_rate=prior,
+    )
+    return table, lookup
+
+
+def derived_partition(
+    part: Any, *, spec: Mapping[str, Any], lookups: Lookups, keep: Sequence[str]
+) -> pd.DataFrame:
+    """One partition's model-input columns before scaling: numeric (float32) and codes (int32)."""
+    raw = {c: _host(part[c]) for c in part.columns}
+    numeric, codes = feature_columns(raw, spec, lookups)
+    out = {f["name"]: numeric[j] for j, f in enumerate(spec["numeric"])}
+    out.update({f["name"]: codes[i] for i, f in enumerate(spec["categorical"])})
+    out.update({c: raw[c] for c in keep})
+    return pd.DataFrame(out, index=pd.RangeIndex(len(part)))
+
+
+def matrix_partition(
+    part: pd.DataFrame, *, spec: Mapping[str, Any], keep: Sequence[str]
+) -> pd.DataFrame:
+    """Derived columns -> scaled, encoded float32 model inputs (the fused kernel's job)."""
+    num_names = [f["name"] for f in spec["numeric"]]
+    cat_names = [f["name"] for f in spec["categorical"]]
+    numeric = np.ascontiguousarray(part[num_names].to_numpy(np.float32).T)
+    codes = np.ascontiguousarray(part[cat_names].to_numpy(np.int32).T)
+    matrix = fused_preprocess_reference(numeric, codes, **kernel_arrays(spec))
+    out = pd.DataFrame(matrix, columns=num_names + cat_names, index=part.index)
+    for c in keep:
+        out[c] = part[c].to_numpy()
+    return out
+
+
+def fit_numeric(
+    sample: pd.DataFrame, names: Sequence[str], clip_q: tuple[float, float]
+) -> list[NumericFeature]:
+    """Imputation (median), clip bounds (quantiles) and scaling (mean/std after impute+clip)."""
+    feats = []
+    for name in names:
+        x = sample[name].to_numpy(np.float64)
+        finite = x[np.isfinite(x)]
+        if finite.size == 0:
+            fill, lo, hi = 0.0, 0.0, 0.0
+        else:
+            fill = float(np.median(finite))
+            lo, hi = (float(v) for v in np.quantile(finite, clip_q))
+        filled = np.clip(np.where(np.isnan(x), fill, x), lo, hi)
+        std = float(filled.std()) if filled.size else 0.0
+        feats.append(
+            NumericFeature(
+                name=name,
+                fill=fill,
+                lo=lo,
+                hi=hi,
+                mean=float(filled.mean()) if filled.size else 0.0,
+                std=std if std > 1e-12 else 1.0,
+            )
+        )
+    return feats
+
+
+def histograms(
+    matrix: npt.NDArray[np.float32], names: Sequence[str], bins: int
+) -> dict[str, Histogram]:
+    """Decile-style bins of each model input on training rows, for the stability index."""
+    out = {}
+    for j, name in enumerate(names):
+        x = matrix[:, j].astype(np.float64)
+        edges = (
+            np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1])) if x.size else np.array([])
+        )
+        counts = np.bincount(np.searchsorted(edges, x, side="right"), minlength=edges.size + 1)
+        out[name] = Histogram(
+            edges=[float(e) for e in edges],
+            fractions=[float(c) / max(x.size, 1) for c in counts],
+        )
+    return out
+
+
+def raw_dtypes(ddf: dd.DataFrame) -> dict[str, str]:
+    return {c: str(t) for c, t in ddf.dtypes.items()}
+
+
+def save_transform(spec: TransformSpec, lookups: Lookups, directory: Path) -> None:
+    """Spec JSON plus one npz and one parquet lookup table per entity (no pickle)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    spec.save(directory)
+    for entity in spec.entities:
+        lookup = lookups[entity.key]
+        save_lookup_npz(str(directory / entity.file), lookup)
+        frame = pd.DataFrame({entity.key: lookup["key"]})
+        for stat in ("count", "mean", "std", "target_rate"):
+            frame[entity.stat_column(stat)] = lookup[stat]
+        frame.to_parquet(directory / f"{entity.file_stem}.parquet", index=False)
+
+
+def load_transform(directory: Path) -> tuple[TransformSpec, Lookups]:
+    spec = TransformSpec.load(directory)
+    lookups = {e.key: load_lookup_npz(str(directory / e.file)) for e in spec.entities}
+    return spec, lookups
+
+
+def run_etl(
+    cfg: PipelineConfig,
+    backend: Backend,
+    out_root: Path,
+    progress: Callable[[str], None] = lambda _msg: None,
+) -> EtlOutput:
+    """The whole ETL; returns where it wrote. Idempotent: an existing complete output is reused."""
+    files = discover_files(cfg.data.source, cfg.data.format)
+    roles = column_roles(cfg)
+    fingerprint = etl_fingerprint(files, cfg, backend)
+    root = out_root / fingerprint
+    if (root / "etl.json").is_file():
+        progress(f"ETL output for fingerprint {fingerprint} exists, reusing it")
+        return EtlOutput.load(root)
+    progress(f"checking {len(files)} input file(s)")
+    check_files(files, roles, cfg.data.format)
+    tmp = out_root / f".{fingerprint}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    with dask.config.set({"dataframe.backend": backend.dataframe_backend}):
+        output = _run_etl(cfg, backend, files, roles, fingerprint, tmp, progress)
+    shutil.rmtree(root, ignore_errors=True)
+    tmp.rename(root)
+    return EtlOutput.load(root)
+
+
+def _run_etl(
+    cfg: PipelineConfig,
+    backend: Backend,
+    files: Sequence[Path],
+    roles: ColumnRoles,
+    fingerprint: str,
+    root: Path,
+    progress: Callable[[str], None],
+) -> EtlOutput:
+    d, fcfg, s = cfg.data, cfg.features, cfg.split
+    raw = read_raw(files, cfg, roles)
+    progress("splitting")
+    cuts = (
+        time_cuts(raw, d.timestamp, s.valid_fraction, s.test_fraction, s.seed)
+        if d.timestamp
+        else None
+    )
+    raw = raw.map_partitions(
+        assign_split,
+        target=d.target,
+        timestamp=d.timestamp,
+        cuts=cuts,
+        valid_fraction=s.valid_fraction,
+        test_fraction=s.test_fraction,
+        seed=s.seed,
+    )
+    raw = raw.persist()
+    train = raw[raw[SPLIT_COLUMN] == 0]
+    n_train, pos_train = dask.compute(train[d.target].count(), train[d.target].sum())
+    n_train = int(n_train)
+    if n_train == 0:
+        raise DataError(f"{d.source}: the training split is empty")
+    prior = float(pos_train) / n_train
+    if prior in (0.0, 1.0):
+        raise DataError(f"{d.source}: column {d.target!r}: the training split has a single class")
+
+    progress("fitting entity statistics and category encodings")
+    entities, lookups = [], {}
+    for e in fcfg.entities:
+        table, lookup = fit_entity(train, e.key, e.value, d.target, prior, fcfg.target_smoothing)
+        entities.append(table)
+        lookups[e.key] = lookup
+    categorical = [
+        fit_categorical(train, c, d.target, prior, fcfg.target_smoothing) for c in d.categorical
+    ]
+    time_names = list(TIME_FEATURES_DEFAULT) if (fcfg.time_features and d.timestamp) else []
+    numeric_names = [*d.numeric, *time_names, *(c for e in entities for c in e.feature_columns)]
+    draft = TransformSpec(
+        id_column=d.id,
+        target_column=d.target,
+        timestamp_column=d.timestamp,
+        raw_numeric=list(d.numeric),
+        raw_categorical=list(d.categorical),
+        raw_dtypes=raw_dtypes(raw[roles.columns]),
+        time_features=time_names,
+        entities=entities,
+        numeric=[NumericFeature(name=n, fill=0, lo=0, hi=0, mean=0, std=1) for n in numeric_names],
+        categorical=categorical,
+        histograms={},
+        train_rows=n_train,
+        train_positive_rate=prior,
+    )
+    keep = [d.id, d.target, SPLIT_COLUMN]
+    meta = derived_partition(
+        raw._meta if hasattr(raw, "_meta") else raw.head(0),
+        spec=draft.model_dump(),
+        lookups=lookups,
+        keep=keep,
+    )
+    derived = raw.map_partitions(
+        _to_backend_frame(derived_partition),
+        spec=draft.model_dump(),
+        lookups=lookups,
+        keep=keep,
+        meta=meta,
+    ).persist()
+
+    progress("fitting numeric imputation, clipping and scaling")
+    train_derived = derived[derived[SPLIT_COLUMN] == 0]
+    frac = min(1.0, STATS_SAMPLE_ROWS / n_train)
+    sample = train_derived.sample(frac=frac, random_state=s.seed) if frac < 1.0 else train_derived
+    sample_pd = _to_pandas(sample.compute())
+    numeric = fit_numeric(sample_pd, numeric_names, fcfg.clip_quantiles)
+    spec = draft.model_copy(update={"numeric": numeric})
+    names = spec.feature_names
+    sample_matrix = matrix_partition(sample_pd, spec=spec.model_dump(), keep=[])[names].to_numpy()
+    spec = spec.model_copy(
+        update={"histograms": histograms(sample_matrix, names, fcfg.histogram_bins)}
+    )
+    spec = TransformSpec.model_validate(spec.model_dump())
+    save_transform(spec, lookups, root / "transform")
+
+    progress("writing feature parquet")
+    matrix_meta = matrix_partition(_to_pandas(meta), spec=spec.model_dump(), keep=keep)
+    matrix = derived.map_partitions(
+        _to_backend_frame(matrix_partition), spec=spec.model_dump(), keep=keep, meta=matrix_meta
+    )
+    for code, split in enumerate(SPLITS):
+        part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
+        part.to_parquet(str(root / "features" / split), write_index=False)
+    counts = derived[SPLIT_COLUMN].value_counts().compute()
+    counts = _to_pandas(counts)
+    rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
+    raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN])
+    raw_test.to_parquet(str(root / "raw_test"), write_index=False)
+    out = EtlOutput(root, fingerprint, backend.device, rows)
+    (root / "etl.json").write_text(json.dumps({**out.to_json(), "root": None}, indent=2))
+    return out
+
+
+def _to_pandas(obj: Any) -> Any:
+    return (
+        obj.to_pandas()
+        if hasattr(obj, "to_pandas") and not isinstance(obj, pd.DataFrame | pd.Series)
+        else obj
+    )
+
+
+def _to_backend_frame(fn: Callable[..., pd.DataFrame]) -> Callable[..., Any]:
+    """Run a NumPy partition function; on cuDF partitions, hand the result back as cuDF."""
+
+    def wrapper(part: Any, **kwargs: Any) -> Any:
+        result = fn(_to_pandas(part), **kwargs)
+        if not isinstance(part, pd.DataFrame) and hasattr(part, "to_pandas"):
+            import cudf
+
+            return cudf.from_pandas(result)
+        return result
+
+    wrapper.__name__ = fn.__name__
+    return wrapper

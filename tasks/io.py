@@ -1,0 +1,199 @@
+"""Finding, reading and checking raw input tables (parquet or CSV), with errors that name the
+file, the column and the reason."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+Role = Literal["id", "target", "numeric", "categorical", "timestamp", "key"]
+TableFormat = Literal["parquet", "csv"]
+_SUFFIX_FORMAT: dict[str, TableFormat] = {".parquet": "parquet", ".pq": "parquet", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """Input data that cannot be used; the message names the file, the column and the reason."""
+
+
+@dataclass(frozen=True)
+class ColumnRoles:
+    """What each raw column is for; the checks follow from the role."""
+
+    roles: dict[str, Role]
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.roles)
+
+    def of(self, role: Role) -> list[str]:
+        return [c for c, r in self.roles.items() if r == role]
+
+
+def table_format(path: Path, declared: str = "auto") -> TableFormat:
+    if declared in ("parquet", "csv"):
+        return declared  # type: ignore[return-value]
+    fmt = _SUFFIX_FORMAT.get(path.suffix.lower())
+    if fmt is None:
+        raise DataError(
+            f"{path}: unknown table format (expected .parquet or .csv, or set data.format)"
+        )
+    return fmt
+
+
+def discover_files(source: str, declared_format: str = "auto") -> list[Path]:
+    """Expand a file, a directory (its parquet/CSV files) or a glob into a sorted file list."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        found = [f for f in p.iterdir() if f.suffix.lower() in _SUFFIX_FORMAT and f.is_file()]
+    elif p.is_file():
+        found = [p]
+    else:
+        found = [Path(f) for f in glob.glob(str(p)) if Path(f).is_file()]
+    files = sorted(f.resolve() for f in found if not f.name.startswith(("_", ".")))
+    if not files:
+        raise DataError(f"{source}: no input files found")
+    for f in files:
+        table_format(f, declared_format)
+    return files
+
+
+def files_fingerprint(files: Iterable[Path], salt: str = "") -> str:
+    """A content-addressing key from each file's path, size and modification time."""
+    h = hashlib.sha256(salt.encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def read_table(
+    path: Path, columns: Sequence[str] | None = None, declared: str = "auto"
+) -> pd.DataFrame:
+    """Read one parquet or CSV file with pandas; raises DataError naming the file if unreadable."""
+    fmt = table_format(path, declared)
+    try:
+        if fmt == "parquet":
+            return pd.read_parquet(path, columns=list(columns) if columns else None)
+        return pd.read_csv(path, usecols=list(columns) if columns else None)
+    except ValueError as exc:
+        if columns:
+            present = set(peek_schema(path, declared).columns)
+            missing = [c for c in columns if c not in present]
+            if missing:
+                raise DataError(f"{path}: column {missing[0]!r}: missing") from exc
+        raise DataError(f"{path}: unreadable {fmt} file: {exc}") from exc
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable {fmt} file: {exc}") from exc
+
+
+def peek_schema(path: Path, declared: str = "auto") -> pd.DataFrame:
+    """An empty frame with the file's columns and pandas dtypes, read without loading data."""
+    fmt = table_format(path, declared)
+    try:
+        if fmt == "parquet":
+            return pq.read_schema(path).empty_table().to_pandas()
+        return pd.read_csv(path, nrows=1000).iloc[:0]
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable {fmt} file: {exc}") from exc
+
+
+def count_rows(path: Path, declared: str = "auto") -> int:
+    if table_format(path, declared) == "parquet":
+        try:
+            return int(pq.ParquetFile(path).metadata.num_rows)
+        except Exception as exc:
+            raise DataError(f"{path}: unreadable parquet file: {exc}") from exc
+    with path.open("rb") as fh:
+        lines = sum(1 for _ in fh)
+    return max(lines - 1, 0)
+
+
+def coerce_timestamps(df: pd.DataFrame, roles: ColumnRoles, path: Path) -> pd.DataFrame:
+    """CSV files carry timestamps as text: parse them, naming the file and column on failure."""
+    for col in roles.of("timestamp"):
+        if col in df.columns and not pd.api.types.is_datetime64_any_dtype(df[col]):
+            try:
+                df = df.assign(**{col: pd.to_datetime(df[col], format="ISO8601")})
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"{path}: column {col!r}: not a timestamp ({exc})") from exc
+    return df
+
+
+def dtype_problems(frame: pd.DataFrame, roles: ColumnRoles, path: Path) -> list[str]:
+    """Missing columns and columns whose type does not fit their role (schema only, no data)."""
+    problems = []
+    for col, role in roles.roles.items():
+        if col not in frame.columns:
+            problems.append(f"{path}: column {col!r}: missing")
+            continue
+        dtype = frame[col].dtype
+        if role in ("numeric", "target") and not (
+            pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype)
+        ):
+            problems.append(
+                f"{path}: column {col!r}: expected a numeric type for {role}, got {dtype}"
+            )
+        if role == "timestamp" and not (
+            pd.api.types.is_datetime64_any_dtype(dtype) or pd.api.types.is_string_dtype(dtype)
+        ):
+            problems.append(f"{path}: column {col!r}: expected a timestamp, got {dtype}")
+    return problems
+
+
+def value_problems(
+    frame: pd.DataFrame, roles: ColumnRoles, path: Path, *, unique_ids: bool
+) -> list[str]:
+    """Problems in the values: empty table, non-binary target, all-null or duplicate ids."""
+    if len(frame) == 0:
+        return [f"{path}: empty file (0 rows)"]
+    problems = []
+    for col in roles.of("target"):
+        values = frame[col]
+        if values.isna().any():
+            problems.append(
+                f"{path}: column {col!r}: {int(values.isna().sum())} missing target values"
+            )
+        bad = sorted(set(values.dropna().unique().tolist()) - {0, 1})
+        if bad:
+            problems.append(f"{path}: column {col!r}: target must be binary 0/1, found {bad[:5]}")
+    for col in roles.of("id"):
+        ids = frame[col]
+        if ids.isna().all():
+            problems.append(f"{path}: column {col!r}: all ids are null")
+        elif unique_ids and ids.duplicated().any():
+            dup = ids[ids.duplicated()].iloc[0]
+            problems.append(
+                f"{path}: column {col!r}: {int(ids.duplicated().sum())} duplicate ids (e.g. {dup!r})"
+            )
+    return problems
+
+
+def check_files(files: Sequence[Path], roles: ColumnRoles, declared: str = "auto") -> None:
+    """Schema and value checks over every input file; raises one DataError listing all problems.
+
+    Reads only each file's schema plus its target column, so it stays cheap on large inputs.
+    """
+    problems: list[str] = []
+    for path in files:
+        schema = peek_schema(path, declared)
+        found = dtype_problems(schema, roles, path)
+        if found:
+            problems.extend(found)
+            continue
+        check_cols = roles.of("target") + roles.of("id")
+        if table_format(path, declared) == "parquet" and count_rows(path, declared) == 0:
+            problems.append(f"{path}: empty file (0 rows)")
+            continue
+        frame = read_table(path, check_cols, declared)
+        problems.extend(value_problems(frame, roles, path, unique_ids=False))
+    if problems:
+        shown = "\n  ".join(problems[:20])
+        more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
+        raise DataError(f"input data failed validation:\n  {shown}{more}")

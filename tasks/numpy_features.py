@@ -1,0 +1,185 @@
+"""Raw columns -> model input matrix, with NumPy alone.
+
+This is the CPU implementation of the fitted transform. It imports nothing from the project but
+`kernels.reference`, and reads the transform spec as the plain dict of its JSON, so the Triton
+Python-backend `preprocess` model ships it verbatim and computes the same features as training
+and batch scoring.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from kernels.reference import fused_preprocess_reference
+
+Spec = Mapping[str, Any]
+Lookup = Mapping[str, npt.NDArray[Any]]
+ENTITY_STATS = ("count", "mean", "std", "target_rate")
+TIME_FEATURES_DEFAULT = ("hour", "day_of_week", "is_night")
+_NIGHT_END_HOUR = 6
+
+
+def time_feature_columns(
+    timestamps: npt.NDArray[Any], names: Sequence[str]
+) -> dict[str, npt.NDArray[np.float32]]:
+    """hour, day_of_week (Monday=0) and is_night (hour < 6) from datetime64 values; NaT -> NaN."""
+    ts = np.asarray(timestamps)
+    if not np.issubdtype(ts.dtype, np.datetime64):
+        ts = ts.astype("datetime64[us]")
+    missing = np.isnat(ts)
+    hours = ts.astype("datetime64[h]").astype(np.int64)
+    days = ts.astype("datetime64[D]").astype(np.int64)
+    hour = (hours % 24).astype(np.float32)
+    values = {
+        "hour": hour,
+        # 1970-01-01 was a Thursday (weekday 3 with Monday = 0)
+        "day_of_week": ((days + 3) % 7).astype(np.float32),
+        "is_night": (hour < _NIGHT_END_HOUR).astype(np.float32),
+    }
+    out = {}
+    for name in names:
+        col = values[name]
+        col[missing] = np.nan
+        out[name] = col
+    return out
+
+
+def _is_present(value: Any) -> bool:
+    # None, NaN and pandas' NA (checked by type name: this module must not need pandas)
+    if value is None or type(value).__name__ == "NAType":
+        return False
+    return not (isinstance(value, float) and value != value)
+
+
+def lookup_positions(
+    keys_sorted: npt.NDArray[Any], values: npt.NDArray[Any]
+) -> npt.NDArray[np.int64]:
+    """Position of each value in the sorted key array, -1 where absent (or missing)."""
+    if keys_sorted.size == 0:
+        return np.full(values.shape, -1, np.int64)
+    vals = np.asarray(values)
+    if keys_sorted.dtype.kind in "US" or vals.dtype.kind in "OUS":
+        # strings: compare as str, with None/NaN as missing
+        present = np.fromiter((_is_present(v) for v in vals.ravel()), bool, vals.size)
+        vals = np.where(present.reshape(vals.shape), vals, "").astype(str)
+        present = present.reshape(vals.shape)
+        keys = keys_sorted.astype(str)
+    else:
+        present = ~np.isnan(vals) if vals.dtype.kind == "f" else np.ones(vals.shape, bool)
+        keys = keys_sorted
+        vals = np.where(present, vals, keys[0]).astype(keys.dtype)
+    pos = np.searchsorted(keys, vals)
+    pos = np.minimum(pos, keys.size - 1)
+    found = present & (keys[pos] == vals)
+    return np.where(found, pos, -1).astype(np.int64)
+
+
+def entity_feature_columns(
+    keys: npt.NDArray[Any], values: npt.NDArray[Any], entity: Spec, lookup: Lookup
+) -> dict[str, npt.NDArray[np.float32]]:
+    """Training-window statistics of each row's entity, plus the row's z-score within it.
+
+    Entities unseen in training get count 0 and the prior mean/std/target rate, so a new card
+    is scored like an average one rather than like a missing value.
+    """
+    key = entity["key"]
+    pos = lookup_positions(lookup["key"], keys)
+    seen = pos >= 0
+    safe = np.where(seen, pos, 0)
+    priors = {
+        "count": 0.0,
+        "mean": entity["prior_mean"],
+        "std": entity["prior_std"],
+        "target_rate": entity["prior_target_rate"],
+    }
+    out: dict[str, npt.NDArray[np.float32]] = {}
+    for stat in ENTITY_STATS:
+        table = np.asarray(lookup[stat], dtype=np.float64)
+        col = table[safe] if table.size else np.zeros(pos.shape)
+        out[f"{key}__{stat}"] = np.where(seen, col, priors[stat]).astype(np.float32)
+    mean = out[f"{key}__mean"].astype(np.float64)
+    std = np.maximum(out[f"{key}__std"].astype(np.float64), 1e-6)
+    z = (np.asarray(values, np.float64) - mean) / std
+    out[f"{key}__{entity['value']}_z"] = z.astype(np.float32)
+    return out
+
+
+def category_codes(values: npt.NDArray[Any], vocabulary: Sequence[Any]) -> npt.NDArray[np.int32]:
+    """Index of each value in the (sorted) vocabulary; -1 for unseen or missing."""
+    vocab = np.asarray(vocabulary)
+    if vocab.size and vocab.dtype.kind in "iu":
+        vals = np.asarray(values)
+        if vals.dtype.kind == "f":
+            present = ~np.isnan(vals)
+            vals = np.where(present, vals, vocab[0]).astype(np.int64)
+            pos = lookup_positions(vocab, vals)
+            return np.where(present, pos, -1).astype(np.int32)
+    return lookup_positions(vocab, np.asarray(values, dtype=object)).astype(np.int32)
+
+
+def feature_columns(
+    raw: Mapping[str, npt.NDArray[Any]], spec: Spec, lookups: Mapping[str, Lookup]
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
+    """Raw columns -> (numeric (k, n) float32 feature-major, codes (c, n) int32)."""
+    n = len(raw[spec["id_column"]])
+    derived: dict[str, npt.NDArray[np.float32]] = {}
+    if spec["time_features"]:
+        derived.update(time_feature_columns(raw[spec["timestamp_column"]], spec["time_features"]))
+    for entity in spec["entities"]:
+        derived.update(
+            entity_feature_columns(
+                raw[entity["key"]], raw[entity["value"]], entity, lookups[entity["key"]]
+            )
+        )
+    numeric = np.empty((len(spec["numeric"]), n), np.float32)
+    for j, feat in enumerate(spec["numeric"]):
+        name = feat["name"]
+        src = derived[name] if name in derived else raw[name]
+        numeric[j] = np.asarray(src, dtype=np.float32)
+    codes = np.empty((len(spec["categorical"]), n), np.int32)
+    for i, feat in enumerate(spec["categorical"]):
+        codes[i] = category_codes(raw[feat["name"]], feat["vocabulary"])
+    return numeric, codes
+
+
+def kernel_arrays(spec: Spec) -> dict[str, npt.NDArray[Any]]:
+    """The spec flattened into the arrays that the fused preprocess kernel reads."""
+    num = spec["numeric"]
+    cats = spec["categorical"]
+    sizes = [len(c["encoding"]) for c in cats]
+    return {
+        "fill": np.array([f["fill"] for f in num], np.float32),
+        "lo": np.array([f["lo"] for f in num], np.float32),
+        "hi": np.array([f["hi"] for f in num], np.float32),
+        "mean": np.array([f["mean"] for f in num], np.float32),
+        "inv_std": np.array([1.0 / f["std"] for f in num], np.float32),
+        "enc_table": np.array([v for c in cats for v in c["encoding"]], np.float32),
+        "enc_offsets": np.array(np.cumsum([0, *sizes[:-1]]) if sizes else [], np.int32),
+        "enc_sizes": np.array(sizes, np.int32),
+        "unseen": np.array([c["unseen"] for c in cats], np.float32),
+    }
+
+
+def transform_raw(
+    raw: Mapping[str, npt.NDArray[Any]],
+    spec: Spec,
+    lookups: Mapping[str, Lookup],
+    out_dtype: type[np.floating] = np.float32,
+) -> npt.NDArray[np.floating]:
+    """Raw columns -> the model's (n, n_features) row-major input matrix."""
+    numeric, codes = feature_columns(raw, spec, lookups)
+    return fused_preprocess_reference(numeric, codes, out_dtype=out_dtype, **kernel_arrays(spec))
+
+
+def load_lookup_npz(path: str) -> dict[str, npt.NDArray[Any]]:
+    """Read one entity lookup table saved by `save_lookup_npz` (no pickle)."""
+    with np.load(path, allow_pickle=False) as data:
+        return {name: data[name] for name in data.files}
+
+
+def save_lookup_npz(path: str, lookup: Lookup) -> None:
+    np.savez(path, **{k: np.asarray(v) for k, v in lookup.items()})
