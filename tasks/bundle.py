@@ -1,0 +1,113 @@
+"""A model bundle loaded for scoring: transform spec + lookups + the model behind a small
+`Scorer` interface (XGBoost in-process or ONNX Runtime in-process; Triton comes later)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from tasks.etl import Lookups, load_transform
+from tasks.numpy_features import transform_raw
+from tasks.spec import TransformSpec
+from tasks.train import TRANSFORM_DIR, read_bundle_json
+
+ScorerKind = Literal["xgboost", "onnx"]
+
+
+class Scorer(Protocol):
+    """Maps the model's float32 input matrix (n, n_features) to P(positive), shape (n,)."""
+
+    def predict_proba(self, features: Any) -> npt.NDArray[np.float32]: ...
+
+
+@dataclass
+class XGBoostScorer:
+    booster: Any
+
+    @classmethod
+    def load(cls, path: Path, device: str = "cpu") -> XGBoostScorer:
+        import xgboost as xgb
+
+        booster = xgb.Booster()
+        booster.load_model(str(path))
+        booster.set_param({"device": device, "nthread": 0})
+        return cls(booster)
+
+    def predict_proba(self, features: Any) -> npt.NDArray[np.float32]:
+        out = self.booster.inplace_predict(features)
+        return np.asarray(out.get() if hasattr(out, "get") else out, np.float32).reshape(-1)
+
+
+@dataclass
+class OnnxScorer:
+    session: Any
+    input_name: str
+    output_name: str
+
+    @classmethod
+    def load(cls, path: Path, input_name: str, output_name: str, threads: int = 0) -> OnnxScorer:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return cls(sess, input_name, output_name)
+
+    def predict_proba(self, features: Any) -> npt.NDArray[np.float32]:
+        x = np.ascontiguousarray(features, np.float32)
+        out = self.session.run([self.output_name], {self.input_name: x})[0]
+        return np.asarray(out, np.float32).reshape(-1)
+
+
+@dataclass
+class LoadedBundle:
+    """Everything needed to score raw rows the way training defined."""
+
+    directory: Path
+    meta: dict[str, Any]
+    spec: TransformSpec
+    spec_dict: dict[str, Any]
+    lookups: Lookups
+    scorer: Scorer
+
+    @property
+    def threshold(self) -> float:
+        return float(self.meta["threshold"])
+
+    @classmethod
+    def load(cls, directory: Path, scorer: ScorerKind = "xgboost", device: str = "cpu") -> LoadedBundle:
+        meta = read_bundle_json(directory)
+        spec, lookups = load_transform(directory / TRANSFORM_DIR)
+        return cls(directory, meta, spec, spec.model_dump(), lookups, load_scorer(directory, meta, scorer, device))
+
+    def features(self, raw: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+        return transform_raw(raw, self.spec_dict, self.lookups)
+
+    def predict_raw(self, raw: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
+        """Raw columns (name -> array) -> P(positive) per row."""
+        return self.scorer.predict_proba(self.features(raw))
+
+
+def load_scorer(directory: Path, meta: Mapping[str, Any], kind: ScorerKind, device: str = "cpu") -> Scorer:
+    """The in-process scorer of a bundle; `xgboost` needs an XGBoost bundle."""
+    if kind == "xgboost":
+        if meta["kind"] != "xgboost":
+            raise ValueError(
+                f"{directory}: scorer 'xgboost' needs an XGBoost bundle, this one is {meta['kind']!r}; "
+                "use scorer 'onnx'"
+            )
+        return XGBoostScorer.load(directory / meta["native_file"], device=device)
+    if kind == "onnx":
+        return OnnxScorer.load(directory / meta["onnx_file"], meta["onnx_input"], meta["onnx_output"])
+    raise ValueError(f"unknown scorer {kind!r} (expected 'xgboost' or 'onnx')")
+
+
+def frame_to_raw(frame: Any, columns: list[str]) -> dict[str, npt.NDArray[Any]]:
+    """A pandas frame's columns as NumPy arrays (missing strings stay None/NaN)."""
+    return {c: frame[c].to_numpy() for c in columns}
