@@ -81,10 +81,19 @@ class LoadedBundle:
         return float(self.meta["threshold"])
 
     @classmethod
-    def load(cls, directory: Path, scorer: ScorerKind = "xgboost", device: str = "cpu") -> LoadedBundle:
+    def load(
+        cls, directory: Path, scorer: ScorerKind = "xgboost", device: str = "cpu"
+    ) -> LoadedBundle:
         meta = read_bundle_json(directory)
         spec, lookups = load_transform(directory / TRANSFORM_DIR)
-        return cls(directory, meta, spec, spec.model_dump(), lookups, load_scorer(directory, meta, scorer, device))
+        return cls(
+            directory,
+            meta,
+            spec,
+            spec.model_dump(),
+            lookups,
+            load_scorer(directory, meta, scorer, device),
+        )
 
     def features(self, raw: Mapping[str, npt.NDArray[Any]]) -> npt.NDArray[np.float32]:
         return transform_raw(raw, self.spec_dict, self.lookups)
@@ -94,7 +103,9 @@ class LoadedBundle:
         return self.scorer.predict_proba(self.features(raw))
 
 
-def load_scorer(directory: Path, meta: Mapping[str, Any], kind: ScorerKind, device: str = "cpu") -> Scorer:
+def load_scorer(
+    directory: Path, meta: Mapping[str, Any], kind: ScorerKind, device: str = "cpu"
+) -> Scorer:
     """The in-process scorer of a bundle; `xgboost` needs an XGBoost bundle."""
     if kind == "xgboost":
         if meta["kind"] != "xgboost":
@@ -104,7 +115,9 @@ def load_scorer(directory: Path, meta: Mapping[str, Any], kind: ScorerKind, devi
             )
         return XGBoostScorer.load(directory / meta["native_file"], device=device)
     if kind == "onnx":
-        return OnnxScorer.load(directory / meta["onnx_file"], meta["onnx_input"], meta["onnx_output"])
+        return OnnxScorer.load(
+            directory / meta["onnx_file"], meta["onnx_input"], meta["onnx_output"]
+        )
     raise ValueError(f"unknown scorer {kind!r} (expected 'xgboost' or 'onnx')")
 
 

@@ -157,10 +157,19 @@ def fit_xgboost(
     )
 
 
-def xgboost_predict(booster: Any, features: Any) -> npt.NDArray[np.float32]:
+def trim_to_best(booster: Any) -> Any:
+    """Keep the trees up to the early-stopping best iteration, so every consumer of the saved
+    model (FIL, ONNX, in-process scoring) predicts the same thing."""
     best = getattr(booster, "best_iteration", None)
-    rng = (0, best + 1) if best is not None else (0, 0)
-    out = booster.inplace_predict(features, iteration_range=rng)
+    if best is None:
+        return booster
+    trimmed = booster[: best + 1]
+    trimmed.set_attr(best_iteration=str(best))
+    return trimmed
+
+
+def xgboost_predict(booster: Any, features: Any) -> npt.NDArray[np.float32]:
+    out = booster.inplace_predict(features)
     return np.asarray(out.get() if hasattr(out, "get") else out, np.float32)
 
 
@@ -170,11 +179,9 @@ def export_xgboost_onnx(booster: Any, n_features: int, path: Path) -> None:
     from onnxmltools.convert import convert_xgboost
     from onnxmltools.convert.common.data_types import FloatTensorType
 
-    best = getattr(booster, "best_iteration", None)
-    trimmed = booster[: best + 1] if best is not None else booster
-    trimmed.feature_names = None
+    booster.feature_names = None
     model = convert_xgboost(
-        trimmed, initial_types=[(ONNX_INPUT, FloatTensorType([None, n_features]))], target_opset=15
+        booster, initial_types=[(ONNX_INPUT, FloatTensorType([None, n_features]))], target_opset=15
     )
     model = _select_positive_class(model)
     onnx.save_model(model, str(path))
@@ -210,7 +217,7 @@ def train_xgboost(
     train, valid, test = (
         read_split(etl, s, feature_names, target, id_col) for s in ("train", "valid", "test")
     )
-    booster = fit_xgboost(train, valid, cfg.xgboost, backend, seed)
+    booster = trim_to_best(fit_xgboost(train, valid, cfg.xgboost, backend, seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_transform(etl, out_dir)
     booster.save_model(str(out_dir / XGB_FILE))
@@ -220,7 +227,7 @@ def train_xgboost(
     p_onnx = onnx_predict(out_dir / ONNX_FILE, test.features[sample])
     diff = check_parity(p_test[sample], p_onnx, cfg.onnx_parity_atol, "xgboost")
     metrics = classification_metrics(test.target, p_test)
-    best = int(getattr(booster, "best_iteration", cfg.xgboost.n_estimators - 1))
+    best = int(booster.attr("best_iteration") or booster.num_boosted_rounds() - 1)
     params = {**xgboost_params(cfg.xgboost, backend, seed), "best_iteration": best}
     importance = booster.get_score(importance_type="gain")
     named = {
