@@ -1,0 +1,208 @@
+"""The `gpupipe` command line: generate data, run the training pipeline or one stage, score."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from tasks.pipeline import DEFAULT_BUILTIN_ROWS
+
+app = typer.Typer(
+    help="gpupipe: GPU/CPU tabular ML pipeline orchestrated by Prefect.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="TOML config file; omitted: the built-in dataset."),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key, e.g. --set model.xgboost.max_depth=6 (repeatable)."),
+]
+RowsOpt = Annotated[
+    int, typer.Option("--rows", help="Rows of the built-in dataset (used only without --config).")
+]
+HomeOpt = Annotated[
+    Path | None,
+    typer.Option("--home", help="State directory (MLflow store, outputs). Default: ./.gpupipe"),
+]
+DeviceOpt = Annotated[
+    str | None, typer.Option("--device", help="auto | cpu | gpu (overrides the config).")
+]
+
+
+def _overrides(sets: list[str] | None, device: str | None) -> dict[str, Any]:
+    from tasks.config import parse_override
+
+    out = dict(parse_override(s) for s in sets or [])
+    if device:
+        out["device"] = device
+    return out
+
+
+def _config_arg(config: Path | None) -> str | None:
+    if config is None:
+        return None
+    if not config.is_file():
+        raise typer.BadParameter(f"{config}: config file not found", param_hint="--config")
+    return str(config.resolve())
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2) from exc
+
+
+@app.command()
+def generate(
+    rows: Annotated[int, typer.Option("--rows", help="Number of transactions.")] = DEFAULT_BUILTIN_ROWS,
+    out: Annotated[Path, typer.Option("--out", help="Output directory for partitioned parquet.")] = Path(
+        "data/transactions"
+    ),
+    seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
+    rows_per_file: Annotated[int, typer.Option("--rows-per-file", help="Rows per parquet file.")] = 1_000_000,
+) -> None:
+    """Write the built-in, seeded card-transaction dataset as partitioned parquet."""
+    from tasks.generate import generate_transactions
+
+    n_files = -(-rows // rows_per_file)
+    with typer.progressbar(length=n_files, label=f"generating {rows:,} rows") as bar:
+        done = [0]
+
+        def advance(files_done: int, _rows_done: int) -> None:
+            bar.update(files_done - done[0])
+            done[0] = files_done
+
+        try:
+            paths = generate_transactions(rows, out, seed=seed, rows_per_file=rows_per_file, on_file_written=advance)
+        except ValueError as exc:
+            _fail(exc)
+    typer.echo(f"{len(paths)} file(s) in {out}")
+
+
+@app.command()
+def run(
+    config: ConfigOpt = None,
+    rows: RowsOpt = DEFAULT_BUILTIN_ROWS,
+    home: HomeOpt = None,
+    device: DeviceOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run the whole training pipeline: ETL, train, register (promotion gate), publish."""
+    from flows.training_pipeline import training_pipeline
+    from tasks.config import ConfigError
+    from tasks.io import DataError
+
+    try:
+        summary = training_pipeline(
+            config_path=_config_arg(config),
+            overrides=_overrides(set_, device),
+            rows=rows,
+            home=str(home.resolve()) if home else None,
+        )
+    except (ConfigError, DataError) as exc:
+        _fail(exc)
+    _print_summary(summary)
+
+
+@app.command()
+def etl(
+    config: ConfigOpt = None,
+    rows: RowsOpt = DEFAULT_BUILTIN_ROWS,
+    home: HomeOpt = None,
+    device: DeviceOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run only the ETL stage (cached by input fingerprint) and print where it wrote."""
+    from flows.etl import etl_flow
+
+    overrides = _overrides(set_, device)
+    if home and config:
+        overrides["home"] = str(home.resolve())
+    out = etl_flow(_config_arg(config), overrides, rows=rows, home=str(home.resolve()) if home else None)
+    typer.echo(json.dumps(out, indent=2))
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    rows: RowsOpt = DEFAULT_BUILTIN_ROWS,
+    home: HomeOpt = None,
+    device: DeviceOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Run ETL (reused when cached) and training; print the model bundles and metrics."""
+    from flows.etl import etl_flow
+    from flows.train import train_flow
+    from tasks.pipeline import config_with_overrides
+    from tasks.prefect_tasks import prepare_config_task, resolve_backend_task
+
+    overrides = _overrides(set_, device)
+    if home and config:
+        overrides["home"] = str(home.resolve())
+    path = prepare_config_task.fn(_config_arg(config), overrides, rows, str(home.resolve()) if home else None)
+    resolved = resolve_backend_task.fn(config_with_overrides(path, overrides).device)
+    etl_out = etl_flow(path, overrides, device=resolved)
+    trained = train_flow(path, etl_out, resolved, overrides)
+    typer.echo(json.dumps([{k: t[k] for k in ("kind", "bundle_dir", "metrics")} for t in trained], indent=2))
+
+
+@app.command()
+def publish(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """Publish the current champions to the Triton model repository (atomically)."""
+    from flows.publish import publish_flow
+    from tasks.pipeline import HomeLayout, config_with_overrides
+
+    overrides = _overrides(set_, None)
+    if config is None:
+        layout = HomeLayout((home or Path(".gpupipe")).resolve())
+        path = str(layout.builtin_config)
+    else:
+        path = _config_arg(config) or ""
+        if home:
+            overrides["home"] = str(home.resolve())
+    cfg = config_with_overrides(path, overrides)
+    names = [cfg.model_name("xgboost"), *([cfg.model_name("mlp")] if cfg.model.mlp.enabled else [])]
+    typer.echo(json.dumps(publish_flow(path, names, overrides), indent=2))
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    typer.secho("\ngpupipe run complete", bold=True)
+    typer.echo(f"  backend: {summary['backend']}   data: {summary['data_fingerprint']}   rows: {summary['rows']}")
+    for m in summary["models"]:
+        met = m["metrics"]
+        typer.echo(
+            f"  {m['name']} v{m['version']}: ROC AUC {met['roc_auc']:.4f}  PR AUC {met['pr_auc']:.4f}  "
+            f"log loss {met['log_loss']:.4f}  -> {m['alias']} ({m['reason']})"
+        )
+    typer.echo(f"  Triton repository: {summary['triton_repository']}")
+    typer.echo(f"  MLflow: {summary['tracking_uri']}")
+
+
+def _register_scoring_commands() -> None:
+    try:
+        from flows.cli_scoring import score_command, serve_command
+    except ImportError:  # the scoring CLI is optional while it is being built
+        return
+    app.command("score")(score_command)
+    app.command("serve")(serve_command)
+
+
+_register_scoring_commands()
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
