@@ -1,0 +1,105 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.backend import resolve_backend
+from tasks.bundle import frame_to_raw
+from tasks.config import builtin_config, config_from_mapping
+from tasks.etl import EtlOutput, load_transform, run_etl
+from tasks.numpy_features import transform_raw
+
+CPU = resolve_backend("cpu")
+
+
+@pytest.fixture(scope="module")
+def etl(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[EtlOutput, Path]:
+    home = tmp_path_factory.mktemp("home")
+    cfg = builtin_config(raw_dataset, home)
+    return run_etl(cfg, CPU, home / "etl"), raw_dataset
+
+
+def test_rows_accounted_and_time_ordered(etl: tuple[EtlOutput, Path]) -> None:
+    out, raw_dir = etl
+    raw = pd.read_parquet(raw_dir)
+    assert sum(out.rows.values()) == len(raw)
+    assert out.rows["train"] / len(raw) == pytest.approx(0.70, abs=0.02)
+    ids = {s: pd.read_parquet(out.features_dir(s))["transaction_id"] for s in ("train", "valid", "test")}
+    assert sum(len(v) for v in ids.values()) == raw.transaction_id.nunique()
+    ts = raw.set_index("transaction_id").timestamp
+    assert ts[ids["train"]].max() <= ts[ids["valid"]].min()
+    assert ts[ids["valid"]].max() <= ts[ids["test"]].min()
+
+
+def test_entity_statistics_use_training_rows_only(etl: tuple[EtlOutput, Path]) -> None:
+    out, raw_dir = etl
+    raw = pd.read_parquet(raw_dir)
+    train_ids = pd.read_parquet(out.features_dir("train"))["transaction_id"]
+    train = raw[raw.transaction_id.isin(train_ids)]
+    spec, lookups = load_transform(out.transform_dir)
+    card = lookups["card_id"]
+    assert card["count"].sum() == len(train)
+    assert set(card["key"].tolist()) == set(train.card_id.unique().tolist())
+    expected = train.groupby("card_id").amount.mean()
+    got = pd.Series(card["mean"], index=card["key"])
+    has_amount = expected.dropna().index
+    np.testing.assert_allclose(got[has_amount], expected[has_amount], rtol=1e-9)
+    assert spec.train_rows == len(train)
+    assert spec.train_positive_rate == pytest.approx(train.is_fraud.mean())
+
+
+def test_features_equal_the_scoring_transform(etl: tuple[EtlOutput, Path]) -> None:
+    """The feature parquet that training reads equals what scoring computes from raw rows."""
+    out, _ = etl
+    spec, lookups = load_transform(out.transform_dir)
+    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("transaction_id")
+    feats = pd.read_parquet(out.features_dir("test")).sort_values("transaction_id")
+    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
+    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=0, atol=0)
+    assert np.isfinite(direct).all()
+
+
+def test_second_run_reuses_output(etl: tuple[EtlOutput, Path], raw_dataset: Path) -> None:
+    out, _ = etl
+    stamp = (out.root / "etl.json").stat().st_mtime_ns
+    cfg = builtin_config(raw_dataset, out.root.parent.parent)
+    again = run_etl(cfg, CPU, out.root.parent)
+    assert again.root == out.root
+    assert (out.root / "etl.json").stat().st_mtime_ns == stamp
+
+
+def test_user_csv_without_timestamp_uses_stratified_split(tmp_path: Path, test_seed: int) -> None:
+    rng = np.random.default_rng(test_seed)
+    n = 4000
+    table = pd.DataFrame(
+        {
+            "row": np.arange(n),
+            "f1": rng.normal(size=n),
+            "f2": rng.normal(size=n),
+            "shop": rng.choice(["a", "b", "c"], n),
+        }
+    )
+    table["label"] = (table.f1 + rng.normal(scale=0.5, size=n) > 1.2).astype(int)
+    table.iloc[: n // 2].to_csv(tmp_path / "part1.csv", index=False)
+    table.iloc[n // 2 :].to_csv(tmp_path / "part2.csv", index=False)
+    cfg = config_from_mapping(
+        {
+            "data": {
+                "source": str(tmp_path / "*.csv"),
+                "target": "label",
+                "id": "row",
+                "numeric": ["f1", "f2"],
+                "categorical": ["shop"],
+            },
+            "home": str(tmp_path / "home"),
+        }
+    )
+    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
+    rates = {s: pd.read_parquet(out.features_dir(s)).label.mean() for s in ("train", "valid", "test")}
+    assert sum(out.rows.values()) == n
+    assert max(rates.values()) - min(rates.values()) < 0.01
+    spec, _ = load_transform(out.transform_dir)
+    assert spec.feature_names == ["f1", "f2", "shop"]

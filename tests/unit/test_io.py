@@ -1,0 +1,84 @@
+"""Bad input gets a clear error naming the file, the column and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.io import ColumnRoles, DataError, check_files, discover_files
+
+ROLES = ColumnRoles({"id": "id", "y": "target", "x": "numeric", "c": "categorical", "t": "timestamp"})
+
+
+def frame(n: int = 5) -> pd.DataFrame:
+    return pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "y": np.array([0, 1] * n)[:n],
+            "x": np.linspace(0, 1, n),
+            "c": ["a"] * n,
+            "t": pd.date_range("2026-01-01", periods=n, freq="h"),
+        }
+    )
+
+
+def test_discover_directory_glob_and_file(tmp_path: Path) -> None:
+    for i in range(2):
+        frame().to_parquet(tmp_path / f"p{i}.parquet")
+    (tmp_path / "_meta.parquet").write_text("not data")
+    assert len(discover_files(str(tmp_path))) == 2
+    assert len(discover_files(str(tmp_path / "p*.parquet"))) == 2
+    assert len(discover_files(str(tmp_path / "p0.parquet"))) == 1
+    with pytest.raises(DataError, match="no input files"):
+        discover_files(str(tmp_path / "none*.parquet"))
+
+
+def test_good_files_pass(tmp_path: Path) -> None:
+    frame().to_parquet(tmp_path / "a.parquet")
+    frame().assign(t=lambda d: d.t.astype(str)).to_csv(tmp_path / "b.csv", index=False)
+    check_files([tmp_path / "a.parquet", tmp_path / "b.csv"], ROLES)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "column", "reason"),
+    [
+        (lambda d: d.drop(columns="x"), "x", "missing"),
+        (lambda d: d.assign(x=["oops"] * len(d)), "x", "expected a numeric type"),
+        (lambda d: d.assign(y=[0, 1, 2, 0, 1]), "y", "binary"),
+        (lambda d: d.assign(y=["no", "yes", "no", "no", "no"]), "y", "numeric"),
+        (lambda d: d.assign(t=np.arange(len(d)) * 1.5), "t", "timestamp"),
+        (lambda d: d.assign(id=pd.array([None] * len(d), dtype="Int64")), "id", "all ids are null"),
+    ],
+)
+def test_bad_file_error_names_file_column_reason(tmp_path: Path, mutate, column: str, reason: str) -> None:
+    path = tmp_path / "bad.parquet"
+    mutate(frame()).to_parquet(path)
+    with pytest.raises(DataError) as info:
+        check_files([path], ROLES)
+    message = str(info.value)
+    assert str(path) in message and repr(column) in message and reason in message
+
+
+def test_empty_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "empty.parquet"
+    frame().iloc[:0].to_parquet(path)
+    with pytest.raises(DataError, match=r"empty\.parquet: empty file"):
+        check_files([path], ROLES)
+
+
+def test_all_problems_listed_at_once(tmp_path: Path) -> None:
+    frame().drop(columns="c").to_parquet(tmp_path / "one.parquet")
+    frame().assign(y=[3] * 5).to_parquet(tmp_path / "two.parquet")
+    with pytest.raises(DataError) as info:
+        check_files([tmp_path / "one.parquet", tmp_path / "two.parquet"], ROLES)
+    assert "one.parquet" in str(info.value) and "two.parquet" in str(info.value)
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    path = tmp_path / "junk.parquet"
+    path.write_bytes(b"definitely not parquet")
+    with pytest.raises(DataError, match="junk.parquet: unreadable parquet"):
+        check_files([path], ROLES)

@@ -1,0 +1,53 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.numpy_features import (
+    category_codes,
+    entity_feature_columns,
+    lookup_positions,
+    time_feature_columns,
+)
+
+
+def test_time_features_known_dates() -> None:
+    ts = np.array(["2026-11-23T03:15", "2026-11-29T23:59", "NaT"], dtype="datetime64[us]")
+    out = time_feature_columns(ts, ["hour", "day_of_week", "is_night"])
+    assert out["hour"][:2].tolist() == [3.0, 23.0]
+    assert out["day_of_week"][:2].tolist() == [0.0, 6.0]  # Monday, Sunday
+    assert out["is_night"][:2].tolist() == [1.0, 0.0]
+    assert all(np.isnan(out[k][2]) for k in out)
+
+
+def test_category_codes_strings_ints_missing_unseen() -> None:
+    vocab = ["chip", "online", "swipe"]
+    codes = category_codes(np.array(["online", None, "tap", "chip", float("nan")], dtype=object), vocab)
+    assert codes.tolist() == [1, -1, -1, 0, -1]
+    assert category_codes(np.array([5411, 7995, 1234]), [5411, 7995]).tolist() == [0, 1, -1]
+    assert category_codes(np.array([5411.0, np.nan]), [5411]).tolist() == [0, -1]
+
+
+@pytest.mark.parametrize("n_keys", [0, 1, 50])
+def test_lookup_positions_matches_dict(n_keys: int, test_seed: int) -> None:
+    rng = np.random.default_rng(test_seed)
+    keys = np.sort(rng.choice(1000, n_keys, replace=False))
+    values = rng.integers(0, 1000, 500)
+    expected = {int(k): i for i, k in enumerate(keys)}
+    got = lookup_positions(keys, values)
+    assert got.tolist() == [expected.get(int(v), -1) for v in values]
+
+
+def test_unseen_entity_gets_prior_and_zero_count() -> None:
+    lookup = {
+        "key": np.array([10, 20]),
+        "count": np.array([5.0, 7.0]),
+        "mean": np.array([100.0, 50.0]),
+        "std": np.array([10.0, 5.0]),
+        "target_rate": np.array([0.2, 0.01]),
+    }
+    entity = {"key": "card", "value": "amount", "prior_mean": 60.0, "prior_std": 20.0, "prior_target_rate": 0.05}
+    out = entity_feature_columns(np.array([20, 99]), np.array([60.0, 100.0]), entity, lookup)
+    assert out["card__count"].tolist() == [7.0, 0.0]
+    assert out["card__target_rate"].tolist() == pytest.approx([0.01, 0.05])
+    assert out["card__amount_z"].tolist() == pytest.approx([2.0, 2.0])

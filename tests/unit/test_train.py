@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.backend import resolve_backend
+from tasks.bundle import LoadedBundle, frame_to_raw
+from tasks.config import builtin_config
+from tasks.etl import load_transform, run_etl
+from tasks.train import check_parity, classification_metrics, train_mlp, train_xgboost
+
+CPU = resolve_backend("cpu")
+SMALL = {
+    "model.xgboost.n_estimators": 40,
+    "model.mlp.epochs": 3,
+    "model.mlp.batch_size": 256,
+    "model.mlp.hidden": [16],
+}
+
+
+@pytest.fixture(scope="module")
+def trained(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    home = tmp_path_factory.mktemp("home")
+    cfg = builtin_config(raw_dataset, home, **SMALL)
+    etl = run_etl(cfg, CPU, home / "etl")
+    spec, _ = load_transform(etl.transform_dir)
+    args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, CPU)
+    xgb = train_xgboost(*args, home / "xgb", 0)
+    mlp = train_mlp(*args, home / "mlp", 0)
+    return etl, xgb, mlp
+
+
+def test_models_learn_and_onnx_matches_native(trained) -> None:
+    _, xgb, mlp = trained
+    assert xgb.metrics["roc_auc"] > 0.65
+    assert mlp.metrics["roc_auc"] > 0.6
+    assert xgb.parity_max_abs_diff <= 1e-5
+    assert mlp.parity_max_abs_diff <= 1e-5
+
+
+@pytest.mark.parametrize("scorer", ["xgboost", "onnx"])
+def test_bundle_scores_raw_rows_like_training(trained, scorer: str) -> None:
+    etl, xgb, _ = trained
+    bundle = LoadedBundle.load(xgb.bundle_dir, scorer=scorer)  # type: ignore[arg-type]
+    raw = pd.read_parquet(etl.raw_test_dir).sort_values("transaction_id")
+    p = bundle.predict_raw(frame_to_raw(raw, bundle.spec.raw_columns))
+    expected = classification_metrics(raw.is_fraud.to_numpy(), p)
+    assert expected["roc_auc"] == pytest.approx(xgb.metrics["roc_auc"], abs=1e-6)
+
+
+def test_bundle_is_self_contained_and_pickle_free(trained) -> None:
+    _, xgb, mlp = trained
+    for bundle in (xgb.bundle_dir, mlp.bundle_dir):
+        files = {p.name for p in Path(bundle).rglob("*") if p.is_file()}
+        assert {"bundle.json", "model.onnx", "transform_spec.json"} <= files
+        assert not any(name.endswith((".pkl", ".pickle", ".pt", ".joblib")) for name in files)
+    with np.load(Path(mlp.bundle_dir) / "mlp_weights.npz", allow_pickle=False) as weights:
+        assert len(weights.files) == 4
+
+
+def test_parity_check_fails_loudly() -> None:
+    with pytest.raises(AssertionError, match="differ by"):
+        check_parity(np.array([0.5, 0.2]), np.array([0.5, 0.3]), 1e-4, "demo")
+    assert np.isnan(classification_metrics(np.zeros(4), np.full(4, 0.1))["roc_auc"])
