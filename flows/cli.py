@@ -22,7 +22,11 @@ ConfigOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a config key, e.g. --set model.xgboost.max_depth=6 (repeatable)."),
+    typer.Option(
+        "--set",
+        "-s",
+        help="Override a config key, e.g. --set model.xgboost.max_depth=6 (repeatable).",
+    ),
 ]
 RowsOpt = Annotated[
     int, typer.Option("--rows", help="Rows of the built-in dataset (used only without --config).")
@@ -60,12 +64,16 @@ def _fail(exc: Exception) -> None:
 
 @app.command()
 def generate(
-    rows: Annotated[int, typer.Option("--rows", help="Number of transactions.")] = DEFAULT_BUILTIN_ROWS,
-    out: Annotated[Path, typer.Option("--out", help="Output directory for partitioned parquet.")] = Path(
-        "data/transactions"
-    ),
+    rows: Annotated[
+        int, typer.Option("--rows", help="Number of transactions.")
+    ] = DEFAULT_BUILTIN_ROWS,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output directory for partitioned parquet.")
+    ] = Path("data/transactions"),
     seed: Annotated[int, typer.Option("--seed", help="Random seed.")] = 0,
-    rows_per_file: Annotated[int, typer.Option("--rows-per-file", help="Rows per parquet file.")] = 1_000_000,
+    rows_per_file: Annotated[
+        int, typer.Option("--rows-per-file", help="Rows per parquet file.")
+    ] = 1_000_000,
 ) -> None:
     """Write the built-in, seeded card-transaction dataset as partitioned parquet."""
     from tasks.generate import generate_transactions
@@ -79,7 +87,9 @@ def generate(
             done[0] = files_done
 
         try:
-            paths = generate_transactions(rows, out, seed=seed, rows_per_file=rows_per_file, on_file_written=advance)
+            paths = generate_transactions(
+                rows, out, seed=seed, rows_per_file=rows_per_file, on_file_written=advance
+            )
         except ValueError as exc:
             _fail(exc)
     typer.echo(f"{len(paths)} file(s) in {out}")
@@ -124,7 +134,9 @@ def etl(
     overrides = _overrides(set_, device)
     if home and config:
         overrides["home"] = str(home.resolve())
-    out = etl_flow(_config_arg(config), overrides, rows=rows, home=str(home.resolve()) if home else None)
+    out = etl_flow(
+        _config_arg(config), overrides, rows=rows, home=str(home.resolve()) if home else None
+    )
     typer.echo(json.dumps(out, indent=2))
 
 
@@ -145,11 +157,17 @@ def train(
     overrides = _overrides(set_, device)
     if home and config:
         overrides["home"] = str(home.resolve())
-    path = prepare_config_task.fn(_config_arg(config), overrides, rows, str(home.resolve()) if home else None)
+    path = prepare_config_task.fn(
+        _config_arg(config), overrides, rows, str(home.resolve()) if home else None
+    )
     resolved = resolve_backend_task.fn(config_with_overrides(path, overrides).device)
     etl_out = etl_flow(path, overrides, device=resolved)
     trained = train_flow(path, etl_out, resolved, overrides)
-    typer.echo(json.dumps([{k: t[k] for k in ("kind", "bundle_dir", "metrics")} for t in trained], indent=2))
+    typer.echo(
+        json.dumps(
+            [{k: t[k] for k in ("kind", "bundle_dir", "metrics")} for t in trained], indent=2
+        )
+    )
 
 
 @app.command()
@@ -177,7 +195,9 @@ def publish(
 
 def _print_summary(summary: dict[str, Any]) -> None:
     typer.secho("\ngpupipe run complete", bold=True)
-    typer.echo(f"  backend: {summary['backend']}   data: {summary['data_fingerprint']}   rows: {summary['rows']}")
+    typer.echo(
+        f"  backend: {summary['backend']}   data: {summary['data_fingerprint']}   rows: {summary['rows']}"
+    )
     for m in summary["models"]:
         met = m["metrics"]
         typer.echo(

@@ -50,9 +50,13 @@ def training_pipeline(
     published = publish_flow(path, [r["name"] for r in results], overrides)
     repo = str(cfg.model_repo_path)
     create_markdown_artifact(
-        model_card(cfg, etl, results, device, repo), key="model-card", description="gpupipe model card"
+        model_card(cfg, etl, results, device, repo),
+        key="model-card",
+        description="gpupipe model card",
     )
-    create_table_artifact(metrics_table(results), key="model-metrics", description="test-split metrics")
+    create_table_artifact(
+        metrics_table(results), key="model-metrics", description="test-split metrics"
+    )
     summary = {
         "config": path,
         "backend": device,

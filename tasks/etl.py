@@ -279,7 +279,8 @@ def matrix_partition(
     cat_names = [f["name"] for f in spec["categorical"]]
     numeric = np.ascontiguousarray(part[num_names].to_numpy(np.float32).T)
     codes = np.ascontiguousarray(part[cat_names].to_numpy(np.int32).T)
-    matrix = fused_preprocess_reference(numeric, codes, **kernel_arrays(spec))
+    params: dict[str, Any] = kernel_arrays(spec)
+    matrix = fused_preprocess_reference(numeric, codes, **params)
     out = pd.DataFrame(matrix, columns=num_names + cat_names, index=part.index)
     for c in keep:
         out[c] = part[c].to_numpy()
@@ -374,7 +375,7 @@ def run_etl(
     tmp = out_root / f".{fingerprint}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     with dask.config.set({"dataframe.backend": backend.dataframe_backend}):
-        output = _run_etl(cfg, backend, files, roles, fingerprint, tmp, progress)
+        _run_etl(cfg, backend, files, roles, fingerprint, tmp, progress)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return EtlOutput.load(root)

@@ -172,7 +172,8 @@ def transform_raw(
 ) -> npt.NDArray[np.floating]:
     """Raw columns -> the model's (n, n_features) row-major input matrix."""
     numeric, codes = feature_columns(raw, spec, lookups)
-    return fused_preprocess_reference(numeric, codes, out_dtype=out_dtype, **kernel_arrays(spec))
+    params: dict[str, Any] = kernel_arrays(spec)
+    return fused_preprocess_reference(numeric, codes, out_dtype=out_dtype, **params)
 
 
 def load_lookup_npz(path: str) -> dict[str, npt.NDArray[Any]]:
@@ -182,4 +183,5 @@ def load_lookup_npz(path: str) -> dict[str, npt.NDArray[Any]]:
 
 
 def save_lookup_npz(path: str, lookup: Lookup) -> None:
-    np.savez(path, **{k: np.asarray(v) for k, v in lookup.items()})
+    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in lookup.items()}
+    np.savez(path, **arrays)

@@ -7,7 +7,7 @@ import json
 import math
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,7 @@ def finite_or_none(value: float) -> float | None:
     return None if value is None or (isinstance(value, float) and math.isnan(value)) else value
 
 
-def metrics_table(results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+def metrics_table(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """One row per model for the Prefect table artifact and the CLI summary."""
     rows = []
     for r in results:
@@ -138,7 +138,11 @@ def metrics_table(results: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def model_card(
-    cfg: PipelineConfig, etl: Mapping[str, Any], results: list[Mapping[str, Any]], backend: str, repo: str
+    cfg: PipelineConfig,
+    etl: Mapping[str, Any],
+    results: Sequence[Mapping[str, Any]],
+    backend: str,
+    repo: str,
 ) -> str:
     """A markdown model card: data, features, metrics and the promotion decision."""
     rows = etl["rows"]

@@ -63,13 +63,20 @@ def etl_task(config_path: str, overrides: dict[str, Any], device: str) -> dict[s
     """Run (or reuse) the ETL for this input fingerprint; returns paths as JSON."""
     cfg = config_with_overrides(config_path, overrides)
     log = get_run_logger()
-    out = run_etl(cfg, resolve_backend(device), HomeLayout(cfg.home_path).etl_root, progress=log.info)  # type: ignore[arg-type]
+    out = run_etl(
+        cfg, resolve_backend(device), HomeLayout(cfg.home_path).etl_root, progress=log.info
+    )  # type: ignore[arg-type]
     return out.to_json()
 
 
 @task(name="train-model", cache_policy=NO_CACHE)
 def train_task(
-    kind: str, config_path: str, overrides: dict[str, Any], device: str, etl: dict[str, Any], run_id: str
+    kind: str,
+    config_path: str,
+    overrides: dict[str, Any],
+    device: str,
+    etl: dict[str, Any],
+    run_id: str,
 ) -> dict[str, Any]:
     from tasks.etl import load_transform
     from tasks.train import train_mlp, train_xgboost
@@ -101,7 +108,9 @@ def train_task(
 
     figures = roc_pr_figures(model.extra["y_test"], model.extra["p_test"], out_dir / "plots", kind)
     if "importance" in model.extra:
-        figures["feature_importance"] = importance_figure(model.extra["importance"], out_dir / "plots", kind)
+        figures["feature_importance"] = importance_figure(
+            model.extra["importance"], out_dir / "plots", kind
+        )
     return {
         "kind": kind,
         "bundle_dir": str(model.bundle_dir),
@@ -114,7 +123,11 @@ def train_task(
 
 @task(name="register-model", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
 def register_task(
-    config_path: str, overrides: dict[str, Any], trained: dict[str, Any], etl: dict[str, Any], device: str
+    config_path: str,
+    overrides: dict[str, Any],
+    trained: dict[str, Any],
+    etl: dict[str, Any],
+    device: str,
 ) -> dict[str, Any]:
     """Log, register as challenger, compare with the champion on this test split, maybe promote."""
     from tasks.promotion import evaluate_champion
@@ -128,10 +141,19 @@ def register_task(
     champion_metric = None
     if champion is not None:
         champion_metric = evaluate_champion(
-            uri, champion, EtlOutput.from_json(etl), layout.bundle_cache, cfg.registry.promotion_metric
+            uri,
+            champion,
+            EtlOutput.from_json(etl),
+            layout.bundle_cache,
+            cfg.registry.promotion_metric,
         )
-        log.info("current champion %s v%s scores %s=%.5f on this test split", name, champion.version,
-                 cfg.registry.promotion_metric, champion_metric)
+        log.info(
+            "current champion %s v%s scores %s=%.5f on this test split",
+            name,
+            champion.version,
+            cfg.registry.promotion_metric,
+            champion_metric,
+        )
     tags = {
         "data_fingerprint": etl["fingerprint"],
         "git_commit": registry.git_commit(Path(__file__).resolve().parent.parent),
@@ -196,4 +218,9 @@ def publish_task(config_path: str, overrides: dict[str, Any], model_name: str) -
     if problems:
         raise RuntimeError(f"{repo}: published repository is invalid:\n  " + "\n  ".join(problems))
     get_run_logger().info("published %s v%s to %s", model_name, ref.version, repo)
-    return {"model": model_name, "version": ref.version, "repo": str(repo), "published": str(published)}
+    return {
+        "model": model_name,
+        "version": ref.version,
+        "repo": str(repo),
+        "published": str(published),
+    }

@@ -14,7 +14,9 @@ from tasks.etl import EtlOutput
 from tasks.train import classification_metrics
 
 
-def score_raw_split(bundle: LoadedBundle, raw_dir: Path, target: str) -> tuple[np.ndarray, np.ndarray]:
+def score_raw_split(
+    bundle: LoadedBundle, raw_dir: Path, target: str
+) -> tuple[np.ndarray, np.ndarray]:
     """(labels, probabilities) for every row of the raw parquet files under raw_dir."""
     ys, ps = [], []
     for path in sorted(raw_dir.glob("*.parquet")):

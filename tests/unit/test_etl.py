@@ -27,7 +27,10 @@ def test_rows_accounted_and_time_ordered(etl: tuple[EtlOutput, Path]) -> None:
     raw = pd.read_parquet(raw_dir)
     assert sum(out.rows.values()) == len(raw)
     assert out.rows["train"] / len(raw) == pytest.approx(0.70, abs=0.02)
-    ids = {s: pd.read_parquet(out.features_dir(s))["transaction_id"] for s in ("train", "valid", "test")}
+    ids = {
+        s: pd.read_parquet(out.features_dir(s))["transaction_id"]
+        for s in ("train", "valid", "test")
+    }
     assert sum(len(v) for v in ids.values()) == raw.transaction_id.nunique()
     ts = raw.set_index("transaction_id").timestamp
     assert ts[ids["train"]].max() <= ts[ids["valid"]].min()
@@ -98,7 +101,9 @@ def test_user_csv_without_timestamp_uses_stratified_split(tmp_path: Path, test_s
         }
     )
     out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
-    rates = {s: pd.read_parquet(out.features_dir(s)).label.mean() for s in ("train", "valid", "test")}
+    rates = {
+        s: pd.read_parquet(out.features_dir(s)).label.mean() for s in ("train", "valid", "test")
+    }
     assert sum(out.rows.values()) == n
     assert max(rates.values()) - min(rates.values()) < 0.01
     spec, _ = load_transform(out.transform_dir)

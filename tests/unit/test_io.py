@@ -10,7 +10,9 @@ import pytest
 
 from tasks.io import ColumnRoles, DataError, check_files, discover_files
 
-ROLES = ColumnRoles({"id": "id", "y": "target", "x": "numeric", "c": "categorical", "t": "timestamp"})
+ROLES = ColumnRoles(
+    {"id": "id", "y": "target", "x": "numeric", "c": "categorical", "t": "timestamp"}
+)
 
 
 def frame(n: int = 5) -> pd.DataFrame:
@@ -53,7 +55,9 @@ def test_good_files_pass(tmp_path: Path) -> None:
         (lambda d: d.assign(id=pd.array([None] * len(d), dtype="Int64")), "id", "all ids are null"),
     ],
 )
-def test_bad_file_error_names_file_column_reason(tmp_path: Path, mutate, column: str, reason: str) -> None:
+def test_bad_file_error_names_file_column_reason(
+    tmp_path: Path, mutate, column: str, reason: str
+) -> None:
     path = tmp_path / "bad.parquet"
     mutate(frame()).to_parquet(path)
     with pytest.raises(DataError) as info:
@@ -80,5 +84,5 @@ def test_all_problems_listed_at_once(tmp_path: Path) -> None:
 def test_unreadable_file(tmp_path: Path) -> None:
     path = tmp_path / "junk.parquet"
     path.write_bytes(b"definitely not parquet")
-    with pytest.raises(DataError, match="junk.parquet: unreadable parquet"):
+    with pytest.raises(DataError, match=r"junk\.parquet: unreadable parquet"):
         check_files([path], ROLES)

@@ -22,7 +22,9 @@ def test_time_features_known_dates() -> None:
 
 def test_category_codes_strings_ints_missing_unseen() -> None:
     vocab = ["chip", "online", "swipe"]
-    codes = category_codes(np.array(["online", None, "tap", "chip", float("nan")], dtype=object), vocab)
+    codes = category_codes(
+        np.array(["online", None, "tap", "chip", float("nan")], dtype=object), vocab
+    )
     assert codes.tolist() == [1, -1, -1, 0, -1]
     assert category_codes(np.array([5411, 7995, 1234]), [5411, 7995]).tolist() == [0, 1, -1]
     assert category_codes(np.array([5411.0, np.nan]), [5411]).tolist() == [0, -1]
@@ -46,7 +48,13 @@ def test_unseen_entity_gets_prior_and_zero_count() -> None:
         "std": np.array([10.0, 5.0]),
         "target_rate": np.array([0.2, 0.01]),
     }
-    entity = {"key": "card", "value": "amount", "prior_mean": 60.0, "prior_std": 20.0, "prior_target_rate": 0.05}
+    entity = {
+        "key": "card",
+        "value": "amount",
+        "prior_mean": 60.0,
+        "prior_std": 20.0,
+        "prior_target_rate": 0.05,
+    }
     out = entity_feature_columns(np.array([20, 99]), np.array([60.0, 100.0]), entity, lookup)
     assert out["card__count"].tolist() == [7.0, 0.0]
     assert out["card__target_rate"].tolist() == pytest.approx([0.01, 0.05])
