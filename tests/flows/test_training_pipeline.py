@@ -106,7 +106,7 @@ def test_etl_is_cached_by_input_fingerprint(
         b = etl_task(config, {}, "cpu", return_state=True)
         return a.name, b.name
 
-    first, second = twice()
+    _, second = twice()
     assert second == "Cached"
     assert summary["data_fingerprint"] in json.dumps(summary)
 
