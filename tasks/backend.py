@@ -55,8 +55,10 @@ def probe_gpu() -> tuple[bool, str]:
     return True, f"{count} CUDA device(s) with cuDF"
 
 
-def resolve_backend(choice: DeviceChoice) -> Backend:
+def resolve_backend(choice: DeviceChoice | str) -> Backend:
     """Resolve `auto | cpu | gpu` to a backend; `gpu` without a usable GPU is an error."""
+    if choice not in ("auto", "cpu", "gpu"):
+        raise BackendError(f"device must be 'auto', 'cpu' or 'gpu', got {choice!r}")
     if choice == "cpu":
         return Backend("cpu", "device = 'cpu' requested")
     ok, why = probe_gpu()

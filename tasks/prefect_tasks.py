@@ -40,7 +40,7 @@ def prepare_config_task(
 
 @task(name="resolve-backend", cache_policy=NO_CACHE)
 def resolve_backend_task(device: str) -> str:
-    backend = resolve_backend(device)  # type: ignore[arg-type]
+    backend = resolve_backend(device)
     get_run_logger().info("backend: %s (%s)", backend.device, backend.reason)
     return backend.device
 
@@ -65,7 +65,7 @@ def etl_task(config_path: str, overrides: dict[str, Any], device: str) -> dict[s
     log = get_run_logger()
     out = run_etl(
         cfg, resolve_backend(device), HomeLayout(cfg.home_path).etl_root, progress=log.info
-    )  # type: ignore[arg-type]
+    )
     return out.to_json()
 
 
@@ -92,7 +92,7 @@ def train_task(
         spec.target_column,
         spec.id_column,
         cfg.model,
-        resolve_backend(device),  # type: ignore[arg-type]
+        resolve_backend(device),
         out_dir,
         cfg.split.seed,
     )

@@ -34,8 +34,10 @@ PARITY_ROWS = 20_000
 
 @dataclass(frozen=True)
 class SplitData:
-    features: npt.NDArray[np.float32]
-    target: npt.NDArray[np.float32]
+    """One split: NumPy arrays on CPU, CuPy arrays (device-resident) on GPU."""
+
+    features: Any
+    target: Any
     ids: npt.NDArray[Any]
 
 
@@ -52,15 +54,39 @@ class TrainedModel:
 
 
 def read_split(
-    etl: EtlOutput, split: str, feature_names: list[str], target: str, id_col: str
+    etl: EtlOutput,
+    split: str,
+    feature_names: list[str],
+    target: str,
+    id_col: str,
+    backend: Backend | None = None,
 ) -> SplitData:
-    """Load one split's feature parquet as float32 matrix, target and ids (host memory)."""
+    """Load one split's features as a float32 matrix, target and ids.
+
+    On GPU the parquet is read by cuDF and the arrays are CuPy: the data stays on the device.
+    """
+    if backend is not None and backend.device == "gpu":
+        import cudf
+
+        frame = cudf.read_parquet(
+            str(etl.features_dir(split)), columns=[*feature_names, target, id_col]
+        )
+        return SplitData(
+            features=frame[feature_names].to_cupy(dtype="float32"),
+            target=frame[target].to_cupy(dtype="float32"),
+            ids=frame[id_col].to_numpy(),
+        )
     frame = pd.read_parquet(etl.features_dir(split))
     return SplitData(
         features=np.ascontiguousarray(frame[feature_names].to_numpy(np.float32)),
         target=frame[target].to_numpy(np.float32),
         ids=frame[id_col].to_numpy(),
     )
+
+
+def to_host(values: Any) -> npt.NDArray[Any]:
+    """A NumPy or CuPy array as NumPy."""
+    return np.asarray(values.get() if hasattr(values, "get") else values)
 
 
 def classification_metrics(y: npt.NDArray[Any], p: npt.NDArray[Any]) -> dict[str, float]:
@@ -215,7 +241,8 @@ def train_xgboost(
 ) -> TrainedModel:
     """Fit, save UBJ + ONNX, check parity on test rows, compute test metrics."""
     train, valid, test = (
-        read_split(etl, s, feature_names, target, id_col) for s in ("train", "valid", "test")
+        read_split(etl, s, feature_names, target, id_col, backend)
+        for s in ("train", "valid", "test")
     )
     booster = trim_to_best(fit_xgboost(train, valid, cfg.xgboost, backend, seed))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -224,9 +251,10 @@ def train_xgboost(
     export_xgboost_onnx(booster, len(feature_names), out_dir / ONNX_FILE)
     p_test = xgboost_predict(booster, _to_device(test.features, backend))
     sample = slice(0, PARITY_ROWS)
-    p_onnx = onnx_predict(out_dir / ONNX_FILE, test.features[sample])
+    p_onnx = onnx_predict(out_dir / ONNX_FILE, to_host(test.features[sample]))
     diff = check_parity(p_test[sample], p_onnx, cfg.onnx_parity_atol, "xgboost")
-    metrics = classification_metrics(test.target, p_test)
+    y_test = to_host(test.target)
+    metrics = classification_metrics(y_test, p_test)
     best = int(booster.attr("best_iteration") or booster.num_boosted_rounds() - 1)
     params = {**xgboost_params(cfg.xgboost, backend, seed), "best_iteration": best}
     importance = booster.get_score(importance_type="gain")
@@ -256,7 +284,7 @@ def train_xgboost(
         metrics,
         params,
         diff,
-        extra={"importance": named, "y_test": test.target, "p_test": p_test},
+        extra={"importance": named, "y_test": y_test, "p_test": p_test},
     )
 
 
@@ -283,9 +311,10 @@ def fit_mlp(train: SplitData, valid: SplitData, cfg: MLPConfig, backend: Backend
     device = torch.device(backend.torch_device)
     rng = np.random.default_rng(seed)
     n = min(len(train.target), cfg.max_train_rows)
-    rows = rng.permutation(len(train.target))[:n]
-    x = torch.as_tensor(train.features[rows], device=device)
-    y = torch.as_tensor(train.target[rows], device=device)
+    rows = torch.as_tensor(rng.permutation(len(train.target))[:n], device=device)
+    # torch reads NumPy and CuPy (via __cuda_array_interface__) without a host round trip
+    x = torch.as_tensor(train.features, device=device)[rows]
+    y = torch.as_tensor(train.target, device=device)[rows]
     xv = torch.as_tensor(valid.features, device=device)
     yv = torch.as_tensor(valid.target, device=device)
     model = build_mlp(x.shape[1], cfg.hidden).to(device)
@@ -352,18 +381,21 @@ def train_mlp(
     seed: int,
 ) -> TrainedModel:
     train, valid, test = (
-        read_split(etl, s, feature_names, target, id_col) for s in ("train", "valid", "test")
+        read_split(etl, s, feature_names, target, id_col, backend)
+        for s in ("train", "valid", "test")
     )
     model = fit_mlp(train, valid, cfg.mlp, backend, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_transform(etl, out_dir)
     np.savez(out_dir / MLP_WEIGHTS_FILE, **{k: v.numpy() for k, v in model.state_dict().items()})
     export_mlp_onnx(model, len(feature_names), out_dir / ONNX_FILE)
-    p_test = mlp_predict(model, test.features)
+    test_features = to_host(test.features)
+    p_test = mlp_predict(model, test_features)
     sample = slice(0, PARITY_ROWS)
-    p_onnx = onnx_predict(out_dir / ONNX_FILE, test.features[sample])
+    p_onnx = onnx_predict(out_dir / ONNX_FILE, test_features[sample])
     diff = check_parity(p_test[sample], p_onnx, cfg.onnx_parity_atol, "mlp")
-    metrics = classification_metrics(test.target, p_test)
+    y_test = to_host(test.target)
+    metrics = classification_metrics(y_test, p_test)
     params = {**cfg.mlp.model_dump(), "device": backend.torch_device, "seed": seed}
     write_bundle_json(
         out_dir,
@@ -383,11 +415,11 @@ def train_mlp(
         },
     )
     return TrainedModel(
-        "mlp", out_dir, metrics, params, diff, extra={"y_test": test.target, "p_test": p_test}
+        "mlp", out_dir, metrics, params, diff, extra={"y_test": y_test, "p_test": p_test}
     )
 
 
-def _to_device(features: npt.NDArray[np.float32], backend: Backend) -> Any:
+def _to_device(features: Any, backend: Backend) -> Any:
     if backend.device == "gpu":
         import cupy
 

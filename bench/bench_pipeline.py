@@ -1,0 +1,188 @@
+"""Benchmark the training pipeline's stages (rows/s per stage) on CPU and, where present, GPU.
+
+Both devices run in the same process on the same generated data, so their ratio is measured
+side by side. The CPU ETL runs on a dask LocalCluster with one single-threaded worker per core
+(dask-pandas); the GPU ETL uses the cuDF backend.
+
+    python bench/bench_pipeline.py --rows 1000000 --devices cpu --out bench.json
+    python bench/bench_pipeline.py --rows 20000000 --devices cpu,gpu --cpu-workers 16 --out b.json
+
+Writes a JSON report (hardware, date, rows, seconds and rows/s per stage and device) and prints a
+table. A parity section compares the GPU and CPU features and model quality when both ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import pandas as pd
+
+
+def hardware() -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+    }
+    with contextlib.suppress(Exception):
+        import cupy
+
+        props = cupy.cuda.runtime.getDeviceProperties(0)
+        info["gpu"] = props["name"].decode()
+        info["gpu_count"] = cupy.cuda.runtime.getDeviceCount()
+    return info
+
+
+@contextlib.contextmanager
+def cpu_cluster(workers: int) -> Iterator[Any]:
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    return out, time.perf_counter() - start
+
+
+def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.backend import resolve_backend
+    from tasks.config import builtin_config
+    from tasks.etl import load_transform, run_etl
+    from tasks.train import train_mlp, train_xgboost
+
+    backend = resolve_backend(device)
+    home = work / device
+    cfg = builtin_config(
+        data_dir,
+        home,
+        **{
+            "model.xgboost.n_estimators": args.trees,
+            "model.xgboost.max_depth": args.depth,
+            "model.xgboost.early_stopping_rounds": args.trees,
+            "model.mlp.epochs": args.mlp_epochs,
+            "model.mlp.max_train_rows": args.mlp_rows,
+        },
+    )
+    ctx = (
+        cpu_cluster(args.cpu_workers)
+        if device == "cpu" and args.cpu_workers > 1
+        else contextlib.nullcontext()
+    )
+    with ctx:
+        etl, t_etl = timed(run_etl, cfg, backend, home / "etl")
+    spec, _ = load_transform(etl.transform_dir)
+    fit_args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, backend)
+    xgb, t_xgb = timed(train_xgboost, *fit_args, home / "xgb", 0)
+    stages = {
+        "etl": {"seconds": t_etl, "rows": args.rows},
+        "train_xgboost": {"seconds": t_xgb, "rows": etl.rows["train"], "metrics": xgb.metrics},
+    }
+    if args.mlp_epochs:
+        mlp, t_mlp = timed(train_mlp, *fit_args, home / "mlp", 0)
+        stages["train_mlp"] = {
+            "seconds": t_mlp,
+            "rows": min(etl.rows["train"], args.mlp_rows) * args.mlp_epochs,
+            "metrics": mlp.metrics,
+        }
+    for s in stages.values():
+        s["rows_per_s"] = s["rows"] / s["seconds"]
+    return {
+        "backend": backend.device,
+        "reason": backend.reason,
+        "stages": stages,
+        "etl_root": str(etl.root),
+    }
+
+
+def features_parity(cpu_root: str, gpu_root: str) -> dict[str, float]:
+    """Max abs difference of the test-split feature matrices (rows aligned by id)."""
+    a = pd.read_parquet(Path(cpu_root) / "features" / "test").sort_values("transaction_id")
+    b = pd.read_parquet(Path(gpu_root) / "features" / "test").sort_values("transaction_id")
+    cols = [c for c in a.columns if c not in ("transaction_id", "is_fraud")]
+    diff = np.abs(a[cols].to_numpy(np.float64) - b[cols].to_numpy(np.float64))
+    return {
+        "rows_cpu": float(len(a)),
+        "rows_gpu": float(len(b)),
+        "max_abs_diff": float(diff.max()) if diff.size else 0.0,
+        "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=1_000_000)
+    p.add_argument("--rows-per-file", type=int, default=1_000_000)
+    p.add_argument("--devices", default="cpu")
+    p.add_argument("--cpu-workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--trees", type=int, default=200)
+    p.add_argument("--depth", type=int, default=8)
+    p.add_argument("--mlp-epochs", type=int, default=1)
+    p.add_argument("--mlp-rows", type=int, default=2_000_000)
+    p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    from tasks.generate import generate_transactions
+
+    data_dir = args.work / f"data-{args.rows}"
+    _, t_gen = timed(
+        generate_transactions, args.rows, data_dir, seed=0, rows_per_file=args.rows_per_file
+    )
+    report: dict[str, Any] = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "hardware": hardware(),
+        "rows": args.rows,
+        "files": len(list(data_dir.glob("*.parquet"))),
+        "generate_seconds": t_gen,
+        "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
+        "devices": {},
+    }
+    for device in args.devices.split(","):
+        report["devices"][device] = run_device(device, data_dir, args.work, args)
+    devs = report["devices"]
+    if "cpu" in devs and "gpu" in devs:
+        report["gpu_over_cpu"] = {
+            stage: devs["cpu"]["stages"][stage]["seconds"] / devs["gpu"]["stages"][stage]["seconds"]
+            for stage in devs["gpu"]["stages"]
+            if stage in devs["cpu"]["stages"]
+        }
+        report["features_parity"] = features_parity(
+            devs["cpu"]["etl_root"], devs["gpu"]["etl_root"]
+        )
+    print(f"{'device':6} {'stage':14} {'seconds':>9} {'rows/s':>14}  metrics")
+    for device, d in devs.items():
+        for stage, s in d["stages"].items():
+            m = s.get("metrics", {})
+            extra = f"ROC AUC {m['roc_auc']:.4f}" if m else ""
+            print(f"{device:6} {stage:14} {s['seconds']:9.2f} {s['rows_per_s']:14,.0f}  {extra}")
+    if "gpu_over_cpu" in report:
+        print("GPU speed-up:", {k: round(v, 1) for k, v in report["gpu_over_cpu"].items()})
+        print("features parity:", report["features_parity"])
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""Both published ensembles served by a real Triton server, against in-process scoring.
+
+Runs when `tritonserver` is on PATH: the test publishes freshly trained bundles into a temporary
+repository and starts the server on it. Or set GPUPIPE_TRITON_URL to a running server's gRPC
+endpoint (host:port) and GPUPIPE_TRITON_REPO to the repository that server reads: the test
+publishes into that repository, then loads the models (explicit model control) or waits for the
+server's polling to pick them up.
+
+Tolerances: ONNX Runtime in Triton runs the same graph as in-process ONNX Runtime (1e-5); FIL
+evaluates the trees in float32 with its own summation order (1e-4).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.backend import resolve_backend
+from tasks.bundle import LoadedBundle, frame_to_raw
+from tasks.config import builtin_config
+from tasks.etl import EtlOutput, load_transform, run_etl
+from tasks.publish import (
+    CONFIG_FILE,
+    PublishedModels,
+    ServingNames,
+    encode_raw_inputs,
+    protocol_datatype,
+    publish_bundle,
+    raw_input_types,
+    read_model_config,
+    validate_repository,
+)
+from tasks.spec import TransformSpec
+from tasks.train import train_mlp, train_xgboost
+
+TRITON_URL = os.environ.get("GPUPIPE_TRITON_URL")
+TRITON_REPO = os.environ.get("GPUPIPE_TRITON_REPO")
+
+pytestmark = [
+    pytest.mark.triton,
+    pytest.mark.skipif(
+        not (TRITON_URL or shutil.which("tritonserver")),
+        reason="needs `tritonserver` on PATH or GPUPIPE_TRITON_URL",
+    ),
+]
+
+CPU = resolve_backend("cpu")
+SMALL = {"model.xgboost.n_estimators": 30, "model.mlp.epochs": 1, "model.mlp.hidden": [16]}
+VERSION = 1
+MAX_BATCH = 4096
+ROWS = 500
+ATOL = {"mlp": 1e-5, "xgboost": 1e-4}
+START_TIMEOUT_S = 240.0
+KINDS = ("xgboost", "mlp")
+
+
+@pytest.fixture(scope="session")
+def trained(
+    raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[EtlOutput, dict[str, Path]]:
+    home = tmp_path_factory.mktemp("triton-home")
+    cfg = builtin_config(raw_dataset, home, **SMALL)
+    etl = run_etl(cfg, CPU, home / "etl")
+    spec, _ = load_transform(etl.transform_dir)
+    args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, CPU)
+    xgb = train_xgboost(*args, home / "xgb", 0)
+    mlp = train_mlp(*args, home / "mlp", 0)
+    return etl, {"xgboost": xgb.bundle_dir, "mlp": mlp.bundle_dir}
+
+
+@pytest.fixture(scope="session")
+def published(
+    trained: tuple[EtlOutput, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, PublishedModels]:
+    if TRITON_URL and not TRITON_REPO:
+        pytest.skip("GPUPIPE_TRITON_URL also needs GPUPIPE_TRITON_REPO (the server's repository)")
+    repo = Path(TRITON_REPO) if TRITON_URL else tmp_path_factory.mktemp("triton") / "model_repo"
+    out = {
+        kind: publish_bundle(
+            path,
+            repo,
+            f"gpupipe-{kind}",
+            VERSION,
+            max_batch_size=MAX_BATCH,
+            preferred_batch_sizes=[256, 1024],
+            max_queue_delay_us=500,
+        )
+        for kind, path in trained[1].items()
+    }
+    assert validate_repository(repo) == []
+    return out
+
+
+def _free_port() -> int:
+    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _log_tail(path: Path | None, lines: int = 60) -> str:
+    text = path.read_text(errors="replace") if path and path.is_file() else ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_until_ready(
+    client: Any,
+    names: list[str],
+    deadline: float,
+    server: subprocess.Popen[bytes] | None,
+    log: Path | None,
+) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    pending = list(names)
+    while pending:
+        if server is not None and server.poll() is not None:
+            pytest.fail(f"tritonserver exited with {server.returncode}:\n{_log_tail(log)}")
+        try:
+            if client.is_server_live():
+                pending = [n for n in pending if not client.is_model_ready(n, str(VERSION))]
+        except InferenceServerException:
+            pass  # not accepting connections yet
+        if pending and time.monotonic() > deadline:
+            pytest.fail(
+                f"models not ready after {START_TIMEOUT_S:.0f}s: {pending}\n{_log_tail(log)}"
+            )
+        if pending:
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def triton(
+    published: dict[str, PublishedModels], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """A gRPC client of a server that has every published model ready at VERSION."""
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    names = [n for p in published.values() for n in p.names.all()]
+    deadline = time.monotonic() + START_TIMEOUT_S
+    if TRITON_URL:
+        client = grpcclient.InferenceServerClient(url=TRITON_URL)
+        for p in published.values():
+            # explicit model control loads the composing models too; in poll mode this is refused
+            # and the server picks the new versions up by itself
+            with contextlib.suppress(InferenceServerException):
+                client.load_model(p.ensemble)
+        try:
+            _wait_until_ready(client, names, deadline, None, None)
+            yield client
+        finally:
+            client.close()
+        return
+
+    repo = next(iter(published.values())).repo
+    log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
+    port = _free_port()
+    cmd = [
+        "tritonserver",
+        f"--model-repository={repo}",
+        f"--grpc-port={port}",
+        "--allow-http=false",
+        "--allow-metrics=false",
+    ]
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        _wait_until_ready(client, names, deadline, server, log)
+        yield client
+    finally:
+        client.close()
+        server.terminate()
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+@pytest.fixture(scope="session")
+def raw_rows(trained: tuple[EtlOutput, dict[str, Path]]) -> dict[str, Any]:
+    """Raw test rows plus rows with a missing amount, channel and timestamp, an unseen country
+    and an unseen card."""
+    spec = TransformSpec.load(trained[1]["xgboost"] / "transform")
+    frame = pd.read_parquet(trained[0].raw_test_dir).sort_values(spec.id_column)
+    frame = frame.head(ROWS).reset_index(drop=True)
+    edge = frame.head(5).copy()
+    edge.loc[0, "amount"] = np.nan
+    edge.loc[1, "channel"] = None
+    edge.loc[2, "country"] = "ZZ"
+    edge.loc[3, "card_id"] = 10**12
+    edge.loc[4, "timestamp"] = pd.NaT
+    return frame_to_raw(pd.concat([frame, edge], ignore_index=True), spec.raw_columns)
+
+
+def _inputs(raw: dict[str, Any], spec: TransformSpec, rows: slice = slice(None)) -> list[Any]:
+    import tritonclient.grpc as grpcclient
+
+    arrays = encode_raw_inputs({k: v[rows] for k, v in raw.items()}, spec)
+    inputs = []
+    for name, data_type in raw_input_types(spec):
+        arr = arrays[name]
+        item = grpcclient.InferInput(name, list(arr.shape), protocol_datatype(data_type))
+        item.set_data_from_numpy(arr)
+        inputs.append(item)
+    return inputs
+
+
+def _positive_probability(published: PublishedModels, result: Any) -> np.ndarray:
+    """P(positive) from the ensemble's output: FIL gives (1 - p, p), ONNX gives (p,)."""
+    config = read_model_config(published.repo / published.ensemble / CONFIG_FILE)
+    out = np.asarray(result.as_numpy(config.output[0].name))
+    return out[:, 1] if published.kind == "xgboost" else out[:, 0]
+
+
+def _expected(trained: tuple[EtlOutput, dict[str, Path]], kind: str, raw: dict[str, Any]) -> Any:
+    bundle = LoadedBundle.load(trained[1][kind], scorer="xgboost" if kind == "xgboost" else "onnx")
+    return bundle, bundle.predict_raw(raw)
+
+
+def test_every_published_model_is_ready(triton: Any, published: dict[str, PublishedModels]) -> None:
+    for p in published.values():
+        for name in p.names.all():
+            assert triton.is_model_ready(name, str(VERSION)), name
+    assert ServingNames.for_model("gpupipe-xgboost").all() == published["xgboost"].names.all()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ensemble_matches_in_process_scoring(
+    triton: Any,
+    published: dict[str, PublishedModels],
+    trained: tuple[EtlOutput, dict[str, Path]],
+    raw_rows: dict[str, Any],
+    kind: str,
+) -> None:
+    import tritonclient.grpc as grpcclient
+
+    bundle, expected = _expected(trained, kind, raw_rows)
+    p = published[kind]
+    config = read_model_config(p.repo / p.ensemble / CONFIG_FILE)
+    result = triton.infer(
+        p.ensemble,
+        _inputs(raw_rows, bundle.spec),
+        model_version=str(VERSION),
+        outputs=[grpcclient.InferRequestedOutput(config.output[0].name)],
+    )
+    served = _positive_probability(p, result)
+    assert served.shape == expected.shape == (ROWS + 5,)
+    np.testing.assert_allclose(served, expected, rtol=0, atol=ATOL[kind])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_concurrent_requests_get_their_own_rows_back(
+    triton: Any,
+    published: dict[str, PublishedModels],
+    trained: tuple[EtlOutput, dict[str, Path]],
+    raw_rows: dict[str, Any],
+    kind: str,
+) -> None:
+    """Requests of different sizes in flight together: the dynamic batcher hands several to the
+    preprocess model at once, which transforms them in one pass and must split them back."""
+    bundle, expected = _expected(trained, kind, raw_rows)
+    p = published[kind]
+    bounds = [0, 1, 7, 64, 65, 200, 333, ROWS + 5]
+    done: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        triton.async_infer(
+            p.ensemble,
+            _inputs(raw_rows, bundle.spec, slice(lo, hi)),
+            lambda result, error, i=i: done.put((i, result, error)),
+            model_version=str(VERSION),
+        )
+    results: dict[int, Any] = {}
+    for _ in range(len(bounds) - 1):
+        i, result, error = done.get(timeout=60)
+        assert error is None, error
+        results[i] = result
+    served = np.concatenate([_positive_probability(p, results[i]) for i in sorted(results)])
+    np.testing.assert_allclose(served, expected, rtol=0, atol=ATOL[kind])
