@@ -1,0 +1,270 @@
+"""Raw columns -> model input matrix on the GPU: the cuDF/CuPy twin of `tasks.numpy_features`.
+
+Data read by cuDF stays on the device: time features come from the datetime column's integer
+microseconds, entity statistics from `searchsorted` on sorted key arrays held on the device,
+category codes from the spec vocabulary (numeric vocabularies by `searchsorted`, strings through a
+categorical cast), and the last step is the fused preprocess kernel (`kernels.fused_preprocess`)
+when it can run, else the same math in CuPy.
+
+The code is written against two modules chosen at construction, an array module (`numpy` or
+`cupy`) and the frames it is given (pandas or cuDF), so the unit tests run it with pandas + NumPy
+and compare it with `numpy_features`, the oracle. Nothing from cuDF or CuPy is imported here at
+module level.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kernels.reference import fused_preprocess_reference
+from tasks.numpy_features import ENTITY_STATS, kernel_arrays
+
+_US_PER_HOUR = 3_600_000_000
+_US_PER_DAY = 86_400_000_000
+_NAT = np.iinfo(np.int64).min
+_NIGHT_END_HOUR = 6
+
+
+def is_cudf(obj: Any) -> bool:
+    return type(obj).__module__.split(".")[0] == "cudf"
+
+
+def column_values(series: Any, dtype: Any, na_value: Any) -> Any:
+    """A pandas or cuDF column as a NumPy or CuPy array of `dtype`, nulls replaced by na_value."""
+    if is_cudf(series):
+        return series.astype(dtype).to_cupy(na_value=na_value)
+    return series.to_numpy(dtype=dtype, na_value=na_value)
+
+
+def _is_numeric(series: Any) -> bool:
+    kind = getattr(series.dtype, "kind", "O")
+    return kind in "iufb"
+
+
+def timestamps_us(series: Any) -> Any:
+    """Datetime column -> int64 microseconds since the epoch; missing values -> int64 min (NaT)."""
+    if is_cudf(series):
+        return series.astype("datetime64[us]").astype("int64").to_cupy(na_value=_NAT)
+    values = np.asarray(series.to_numpy())
+    if not np.issubdtype(values.dtype, np.datetime64):
+        values = values.astype("datetime64[us]")
+    return values.astype("datetime64[us]").astype(np.int64)
+
+
+def time_feature_columns(ts_us: Any, names: Sequence[str], xp: Any) -> dict[str, Any]:
+    """hour, day_of_week (Monday=0) and is_night from int64 microseconds; NaT -> NaN.
+
+    Floor division, as NumPy's datetime64 unit casts do, so times before 1970 agree too.
+    """
+    missing = ts_us == _NAT
+    hours = ts_us // _US_PER_HOUR
+    days = ts_us // _US_PER_DAY
+    hour = (hours % 24).astype(xp.float32)
+    values = {
+        "hour": hour,
+        # 1970-01-01 was a Thursday (weekday 3 with Monday = 0)
+        "day_of_week": ((days + 3) % 7).astype(xp.float32),
+        "is_night": (hour < _NIGHT_END_HOUR).astype(xp.float32),
+    }
+    out = {}
+    for name in names:
+        col = values[name]
+        col[missing] = xp.nan
+        out[name] = col
+    return out
+
+
+@dataclass(frozen=True)
+class KeyIndex:
+    """Sorted keys on the device (numeric) or on the host as strings, for exact-match lookups."""
+
+    numeric: Any | None
+    strings: list[str] | None
+
+    @classmethod
+    def build(cls, keys_sorted: Any, xp: Any) -> KeyIndex:
+        keys = np.asarray(keys_sorted)
+        if keys.size and keys.dtype.kind in "iuf":
+            return cls(xp.asarray(keys), None)
+        if keys.size == 0:
+            return cls(xp.asarray(np.zeros(0, np.int64)), None)
+        return cls(None, [str(k) for k in keys])
+
+    @property
+    def size(self) -> int:
+        return len(self.strings) if self.strings is not None else int(self.numeric.size)
+
+    def positions(self, series: Any, xp: Any) -> Any:
+        """Position of each value among the keys, -1 where absent or missing (int64)."""
+        n = len(series)
+        if self.size == 0:
+            return xp.full(n, -1, xp.int64)
+        if self.numeric is not None and _is_numeric(series):
+            return self._numeric_positions(series, xp)
+        return self._string_positions(series, xp)
+
+    def _numeric_positions(self, series: Any, xp: Any) -> Any:
+        keys = self.numeric
+        if series.dtype.kind == "f" or bool(series.isna().any()):
+            vals = column_values(series, np.float64, np.nan)
+            present = ~xp.isnan(vals)
+        else:
+            vals = column_values(series, series.dtype, 0)
+            present = xp.ones(vals.shape, bool)
+        # like numpy_features.lookup_positions: cast to the key dtype before comparing
+        vals = xp.where(present, vals, keys[0]).astype(keys.dtype)
+        pos = xp.minimum(xp.searchsorted(keys, vals), keys.size - 1)
+        found = present & (keys[pos] == vals)
+        return xp.where(found, pos, -1).astype(xp.int64)
+
+    def _string_positions(self, series: Any, xp: Any) -> Any:
+        # exact string match through a categorical cast whose categories are the keys in order,
+        # so a value's code is its position among the keys (-1/null when absent)
+        keys = self.strings if self.strings is not None else [str(k) for k in _host(self.numeric)]
+        present = series.notna()
+        text = series if series.dtype.kind == "O" else series.astype(str)
+        lib = _frame_module(series)
+        codes = text.astype(lib.CategoricalDtype(categories=keys)).cat.codes.astype("int64")
+        codes = codes.where(present, -1)
+        return column_values(codes, np.int64, -1)
+
+
+def _frame_module(obj: Any) -> Any:
+    if is_cudf(obj):
+        import cudf
+
+        return cudf
+    import pandas
+
+    return pandas
+
+
+def _host(x: Any) -> Any:
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+class DeviceTransform:
+    """The fitted transform of one bundle, with its lookup tables uploaded once to the device."""
+
+    def __init__(
+        self, spec: Mapping[str, Any], lookups: Mapping[str, Mapping[str, Any]], xp: Any
+    ) -> None:
+        self.spec = spec
+        self.xp = xp
+        self.entities = []
+        for entity in spec["entities"]:
+            lookup = lookups[entity["key"]]
+            stats = {s: xp.asarray(np.asarray(lookup[s], np.float64)) for s in ENTITY_STATS}
+            self.entities.append((entity, KeyIndex.build(lookup["key"], xp), stats))
+        self.vocabularies = [KeyIndex.build(c["vocabulary"], xp) for c in spec["categorical"]]
+        self.kernel_host = kernel_arrays(spec)
+        self.kernel = {k: xp.asarray(v) for k, v in self.kernel_host.items()}
+
+    @property
+    def raw_columns(self) -> list[str]:
+        spec = self.spec
+        cols = [spec["id_column"], *spec["raw_numeric"], *spec["raw_categorical"]]
+        if spec["timestamp_column"]:
+            cols.append(spec["timestamp_column"])
+        cols += [e["key"] for e in spec["entities"] if e["key"] not in cols]
+        return cols
+
+    def _entity_columns(self, frame: Any, entity: Mapping[str, Any], keys: KeyIndex, stats: Any):
+        xp = self.xp
+        key = entity["key"]
+        pos = keys.positions(frame[key], xp)
+        seen = pos >= 0
+        safe = xp.where(seen, pos, 0)
+        priors = {
+            "count": 0.0,
+            "mean": entity["prior_mean"],
+            "std": entity["prior_std"],
+            "target_rate": entity["prior_target_rate"],
+        }
+        out = {}
+        for stat in ENTITY_STATS:
+            table = stats[stat]
+            col = table[safe] if table.size else xp.zeros(pos.shape)
+            out[f"{key}__{stat}"] = xp.where(seen, col, priors[stat]).astype(xp.float32)
+        mean = out[f"{key}__mean"].astype(xp.float64)
+        std = xp.maximum(out[f"{key}__std"].astype(xp.float64), 1e-6)
+        values = column_values(frame[entity["value"]], np.float64, np.nan)
+        out[f"{key}__{entity['value']}_z"] = ((values - mean) / std).astype(xp.float32)
+        return out
+
+    def feature_columns(self, frame: Any) -> tuple[Any, Any]:
+        """Raw frame -> (numeric (k, n) float32 feature-major, codes (c, n) int32) on the device."""
+        xp, spec = self.xp, self.spec
+        n = len(frame)
+        derived: dict[str, Any] = {}
+        if spec["time_features"]:
+            ts = timestamps_us(frame[spec["timestamp_column"]])
+            derived.update(time_feature_columns(ts, spec["time_features"], xp))
+        for entity, keys, stats in self.entities:
+            derived.update(self._entity_columns(frame, entity, keys, stats))
+        numeric = xp.empty((len(spec["numeric"]), n), xp.float32)
+        for j, feat in enumerate(spec["numeric"]):
+            name = feat["name"]
+            numeric[j] = (
+                derived[name] if name in derived else column_values(frame[name], np.float32, np.nan)
+            )
+        codes = xp.empty((len(spec["categorical"]), n), xp.int32)
+        for i, feat in enumerate(spec["categorical"]):
+            codes[i] = self.vocabularies[i].positions(frame[feat["name"]], xp).astype(xp.int32)
+        return numeric, codes
+
+    def matrix(self, frame: Any) -> Any:
+        """Raw frame -> the model's (n, n_features) float32 row-major input, on the device."""
+        numeric, codes = self.feature_columns(frame)
+        return preprocess(numeric, codes, self.kernel, self.kernel_host, self.xp)
+
+
+def preprocess(
+    numeric: Any, codes: Any, kernel: Mapping[str, Any], kernel_host: Mapping[str, Any], xp: Any
+) -> Any:
+    """Impute, clip, scale and encode: the fused kernel on a GPU, the NumPy reference on CPU."""
+    if xp is np:
+        return fused_preprocess_reference(numeric, codes, **kernel_host)
+    n = numeric.shape[1] if numeric.shape[0] else codes.shape[1]
+    if n and _fused_kernel_available():
+        from kernels.fused_preprocess import fused_preprocess
+
+        out = fused_preprocess(numeric, codes, **kernel)
+        return xp.from_dlpack(out)
+    return preprocess_xp(numeric, codes, kernel, xp)
+
+
+def _fused_kernel_available() -> bool:
+    try:
+        from kernels import fused_preprocess as fp
+    except ImportError:
+        return False
+    try:
+        return bool(fp.is_available())
+    except Exception:  # a broken triton/torch install must not stop scoring: fall back to CuPy
+        return False
+
+
+def preprocess_xp(numeric: Any, codes: Any, kernel: Mapping[str, Any], xp: Any) -> Any:
+    """`fused_preprocess_reference` written for any array module (the CuPy fallback)."""
+    k = numeric.shape[0]
+    c = codes.shape[0]
+    n = numeric.shape[1] if k else codes.shape[1]
+    out = xp.empty((n, k + c), xp.float32)
+    if k:
+        x = xp.where(xp.isnan(numeric), kernel["fill"][:, None], numeric)
+        x = xp.clip(x, kernel["lo"][:, None], kernel["hi"][:, None])
+        out[:, :k] = ((x - kernel["mean"][:, None]) * kernel["inv_std"][:, None]).T
+    table = kernel["enc_table"]
+    for i in range(c):
+        col = codes[i]
+        size = int(kernel["enc_sizes"][i])
+        valid = (col >= 0) & (col < size)
+        idx = xp.where(valid, col, 0) + kernel["enc_offsets"][i]
+        vals = table[idx] if table.size else xp.zeros(n, xp.float32)
+        out[:, k + i] = xp.where(valid, vals, kernel["unseen"][i])
+    return out
