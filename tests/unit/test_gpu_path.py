@@ -1,0 +1,90 @@
+"""The GPU path against the CPU path on the same data: ETL features, transform and training.
+
+Runs only where cuDF and a CUDA device are usable (`-m gpu`); skipped elsewhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tasks.backend import probe_gpu, resolve_backend
+
+GPU_OK, GPU_WHY = probe_gpu()
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
+
+FEATURE_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def both_etls(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
+    from tasks.config import builtin_config
+    from tasks.etl import run_etl
+
+    home = tmp_path_factory.mktemp("gpu-home")
+    cfg = builtin_config(raw_dataset, home, **{"model.xgboost.n_estimators": 50})
+    cpu = run_etl(cfg, resolve_backend("cpu"), home / "etl-cpu")
+    gpu = run_etl(cfg, resolve_backend("gpu"), home / "etl-gpu")
+    return cfg, cpu, gpu
+
+
+def test_gpu_etl_matches_cpu(both_etls) -> None:
+    from tasks.etl import load_transform
+
+    _, cpu, gpu = both_etls
+    assert cpu.rows == gpu.rows
+    spec_c, lk_c = load_transform(cpu.transform_dir)
+    spec_g, lk_g = load_transform(gpu.transform_dir)
+    assert spec_c.feature_names == spec_g.feature_names
+    for a, b in zip(spec_c.numeric, spec_g.numeric, strict=True):
+        np.testing.assert_allclose(
+            [a.fill, a.lo, a.hi, a.mean, a.std], [b.fill, b.lo, b.hi, b.mean, b.std], rtol=1e-6, atol=1e-9
+        )
+    for a, b in zip(spec_c.categorical, spec_g.categorical, strict=True):
+        assert a.vocabulary == b.vocabulary
+        np.testing.assert_allclose(a.encoding, b.encoding, rtol=1e-12)
+    for key in lk_c:
+        np.testing.assert_array_equal(lk_c[key]["key"], lk_g[key]["key"])
+        for stat in ("count", "mean", "std", "target_rate"):
+            np.testing.assert_allclose(lk_c[key][stat], lk_g[key][stat], rtol=1e-9, atol=1e-12)
+    for split in ("train", "valid", "test"):
+        fc = pd.read_parquet(cpu.features_dir(split)).sort_values("transaction_id")
+        fg = pd.read_parquet(gpu.features_dir(split)).sort_values("transaction_id")
+        np.testing.assert_array_equal(fc.transaction_id.to_numpy(), fg.transaction_id.to_numpy())
+        np.testing.assert_allclose(
+            fc[spec_c.feature_names].to_numpy(), fg[spec_c.feature_names].to_numpy(), atol=FEATURE_ATOL
+        )
+
+
+def test_device_transform_matches_numpy(both_etls) -> None:
+    import cudf
+    import cupy
+
+    from tasks.bundle import frame_to_raw
+    from tasks.etl import load_transform
+    from tasks.gpu_features import DeviceTransform
+    from tasks.numpy_features import transform_raw
+
+    _, cpu, _ = both_etls
+    spec, lookups = load_transform(cpu.transform_dir)
+    raw = pd.read_parquet(cpu.raw_test_dir)
+    expected = transform_raw(frame_to_raw(raw, spec.raw_columns), spec.model_dump(), lookups)
+    got = DeviceTransform(spec.model_dump(), lookups, cupy).matrix(cudf.from_pandas(raw))
+    np.testing.assert_allclose(cupy.asnumpy(got), expected, atol=FEATURE_ATOL)
+
+
+def test_gpu_xgboost_trains_on_device_data(both_etls, tmp_path: Path) -> None:
+    from tasks.etl import load_transform
+    from tasks.train import train_xgboost
+
+    cfg, cpu, gpu = both_etls
+    spec, _ = load_transform(gpu.transform_dir)
+    args = (spec.feature_names, spec.target_column, spec.id_column, cfg.model)
+    on_gpu = train_xgboost(gpu, *args, resolve_backend("gpu"), tmp_path / "g", 0)
+    on_cpu = train_xgboost(cpu, *args, resolve_backend("cpu"), tmp_path / "c", 0)
+    assert on_gpu.params["device"] == "cuda"
+    assert on_gpu.parity_max_abs_diff <= cfg.model.onnx_parity_atol
+    assert abs(on_gpu.metrics["roc_auc"] - on_cpu.metrics["roc_auc"]) < 0.03
