@@ -601,7 +601,7 @@ def _run_etl(
     counts = derived[SPLIT_COLUMN].value_counts().compute()
     counts = _to_pandas(counts)
     rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
-    raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN])
+    raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
     raw_test.to_parquet(str(root / "raw_test"), write_index=False)
     out = EtlOutput(root, fingerprint, backend.device, rows)
     (root / "etl.json").write_text(json.dumps({**out.to_json(), "root": None}, indent=2))

@@ -108,3 +108,9 @@ def test_user_csv_without_timestamp_uses_stratified_split(tmp_path: Path, test_s
     assert max(rates.values()) - min(rates.values()) < 0.01
     spec, _ = load_transform(out.transform_dir)
     assert spec.feature_names == ["f1", "f2", "shop"]
+
+
+def test_raw_test_split_keeps_only_raw_columns(etl: tuple[EtlOutput, Path]) -> None:
+    out, raw_dir = etl
+    raw_cols = set(pd.read_parquet(raw_dir).columns)
+    assert set(pd.read_parquet(out.raw_test_dir).columns) == raw_cols
