@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# One script that checks and times the GPU path on the lent GPU machine, a step per call:
+#   bash bench/gpu_session.sh check      # versions, GPU tests, kernel bandwidth benchmark
+#   bash bench/gpu_session.sh pipeline   # ETL + training, GPU vs 16-core CPU, same data, same run
+#   bash bench/gpu_session.sh scoring    # 20M-row batch scoring, flow vs naive loop, GPU
+#   bash bench/gpu_session.sh run        # the whole training pipeline (gpupipe run) on GPU
+# Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
+# writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
+set -uo pipefail
+step=${1:?step}
+out=${OUT:-/tmp/gpupipe-out}
+mkdir -p "$out"
+export PYTHONPATH="/tmp/site:$PWD" PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+unset TRITON_INTERPRET
+# NVLink multicast stays off on shared multi-GPU hosts
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export PREFECT_HOME=/tmp/prefect-home PREFECT_LOGGING_LEVEL=WARNING
+rows=${ROWS:-20000000}
+py=python3
+warn=(-W "ignore::DeprecationWarning" -W "ignore::FutureWarning" -W "ignore::UserWarning")
+
+part() {  # part NAME CMD...: run one part, log it, never stop the step
+  local name=$1; shift
+  echo "=== $name: $*"
+  local t0=$SECONDS
+  "$@" > "$out/$name.log" 2>&1
+  local rc=$?
+  echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
+  tail -n 25 "$out/$name.log"
+}
+
+case $step in
+  check)
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+    part versions $py -c "
+import cudf, dask, dask_cudf, dask_cuda, xgboost, cupy, torch, triton, pandas, pyarrow, numba
+import prefect, mlflow, onnxruntime
+for m in (cudf, dask, dask_cuda, xgboost, cupy, torch, triton, pandas, pyarrow, numba, prefect, mlflow, onnxruntime):
+    print(m.__name__, m.__version__)
+print('gpus', cupy.cuda.runtime.getDeviceCount())"
+    part gpu_tests $py -m pytest -q -x -p no:cacheprovider "${warn[@]}" -m gpu \
+      tests/unit/test_kernels.py tests/unit/test_gpu_path.py
+    part cpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" tests/unit
+    part bench_kernels $py bench/bench_kernels.py --out "$out/bench_kernels.json"
+    ;;
+  pipeline)
+    part bench_pipeline $py bench/bench_pipeline.py --rows "$rows" --devices gpu,cpu \
+      --cpu-workers "${CPU_WORKERS:-16}" --trees 200 --depth 8 --mlp-epochs 1 \
+      --out "$out/bench_pipeline.json"
+    ;;
+  scoring)
+    part bench_scoring $py bench/bench_scoring.py --rows "$rows" --device gpu \
+      --out "$out/bench_scoring.json"
+    ;;
+  run)
+    part gpupipe_run $py -m flows.cli run --device gpu --rows "${RUN_ROWS:-2000000}" \
+      --home /tmp/gpupipe-run/home --set 'publish.model_repo="/tmp/gpupipe-run/model_repo"'
+    cp /tmp/gpupipe-run/home/last_run.json "$out/last_run_gpu.json" 2>/dev/null
+    ;;
+  *) echo "unknown step $step"; exit 2 ;;
+esac
