@@ -117,13 +117,17 @@ def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace
 
 def features_parity(cpu_root: str, gpu_root: str) -> dict[str, float]:
     """Max abs difference of the test-split feature matrices (rows aligned by id)."""
-    a = pd.read_parquet(Path(cpu_root) / "features" / "test").sort_values("transaction_id")
-    b = pd.read_parquet(Path(gpu_root) / "features" / "test").sort_values("transaction_id")
-    cols = [c for c in a.columns if c not in ("transaction_id", "is_fraud")]
-    diff = np.abs(a[cols].to_numpy(np.float64) - b[cols].to_numpy(np.float64))
+    a = pd.read_parquet(Path(cpu_root) / "features" / "test").set_index("transaction_id")
+    b = pd.read_parquet(Path(gpu_root) / "features" / "test").set_index("transaction_id")
+    common = a.index.intersection(b.index)
+    cols = [c for c in a.columns if c != "is_fraud"]
+    diff = np.abs(
+        a.loc[common, cols].to_numpy(np.float64) - b.loc[common, cols].to_numpy(np.float64)
+    )
     return {
         "rows_cpu": float(len(a)),
         "rows_gpu": float(len(b)),
+        "rows_common": float(len(common)),
         "max_abs_diff": float(diff.max()) if diff.size else 0.0,
         "mean_abs_diff": float(diff.mean()) if diff.size else 0.0,
     }
@@ -161,6 +165,8 @@ def main() -> None:
     for device in args.devices.split(","):
         report["devices"][device] = run_device(device, data_dir, args.work, args)
     devs = report["devices"]
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
     if "cpu" in devs and "gpu" in devs:
         report["gpu_over_cpu"] = {
             stage: devs["cpu"]["stages"][stage]["seconds"] / devs["gpu"]["stages"][stage]["seconds"]
