@@ -202,21 +202,61 @@ def assign_split(
     return part.assign(**{SPLIT_COLUMN: labels, FOLD_COLUMN: folds})
 
 
+def hash_sample_partition(part: Any, *, id_col: str, frac: float, seed: int) -> Any:
+    """Rows whose id hashes below `frac`: the same rows on pandas and cuDF (integer ids).
+
+    A backend's own `sample` draws from its own random generator, so the CPU and GPU paths would
+    fit their statistics on different rows; a hash of the id picks identical rows on both.
+    """
+    ids = part[id_col]
+    if getattr(ids.dtype, "kind", "O") not in "iu":
+        return part.sample(frac=frac, random_state=seed)
+    xp = np
+    if is_cudf(part):
+        import cupy as xp  # type: ignore[no-redef]
+    z = column_values(ids, np.int64, 0).astype(xp.uint64) + xp.uint64(
+        seed * 0x9E3779B97F4A7C15 % 2**64
+    )
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(0x94D049BB133111EB)
+    z = z ^ (z >> xp.uint64(31))
+    keep = (z >> xp.uint64(11)) < xp.uint64(int(frac * 2**53))
+    return part[keep]
+
+
+def hash_sample(
+    ddf: dd.DataFrame, id_col: str, rows: int, target_rows: int, seed: int
+) -> dd.DataFrame:
+    """About `target_rows` rows of ddf (all of it when smaller), chosen by `hash_sample_partition`."""
+    frac = min(1.0, target_rows / max(rows, 1))
+    if frac >= 1.0:
+        return ddf
+    return ddf.map_partitions(
+        hash_sample_partition, id_col=id_col, frac=frac, seed=seed, meta=ddf._meta
+    )
+
+
 def time_cuts(
-    ddf: dd.DataFrame, timestamp: str, valid_fraction: float, test_fraction: float, seed: int
+    ddf: dd.DataFrame,
+    timestamp: str,
+    id_col: str,
+    valid_fraction: float,
+    test_fraction: float,
+    seed: int,
 ) -> tuple[int, int]:
     """Timestamps (int64 microseconds) at which valid and test begin.
 
-    Exact quantiles of a uniform sample of at most STATS_SAMPLE_ROWS timestamps: dask's
-    approximate quantile is too coarse on time-partitioned files.
+    Exact quantiles of a hash-chosen sample of at most STATS_SAMPLE_ROWS rows: dask's approximate
+    quantile is too coarse on time-partitioned files, and the hash picks the same rows on CPU
+    and GPU, so both backends split identically.
     """
-    ts = ddf[timestamp].dropna().astype("datetime64[us]").astype("int64")
-    n = int(ts.count().compute())
+    n = int(ddf[timestamp].count().compute())
     if n == 0:
         raise DataError(f"column {timestamp!r}: every timestamp is missing")
-    frac = min(1.0, STATS_SAMPLE_ROWS / n)
-    sample = _host((ts.sample(frac=frac, random_state=seed) if frac < 1.0 else ts).compute())
-    q = np.quantile(sample, [1.0 - valid_fraction - test_fraction, 1.0 - test_fraction])
+    sample = hash_sample(ddf[[id_col, timestamp]], id_col, n, STATS_SAMPLE_ROWS, seed)
+    ts = sample[timestamp].dropna().astype("datetime64[us]").astype("int64")
+    values = _host(ts.compute())
+    q = np.quantile(values, [1.0 - valid_fraction - test_fraction, 1.0 - test_fraction])
     return int(q[0]), int(q[1])
 
 
@@ -518,7 +558,7 @@ def _run_etl(
     raw = read_raw(files, cfg, roles, backend)
     progress("splitting")
     cuts = (
-        time_cuts(raw, d.timestamp, s.valid_fraction, s.test_fraction, s.seed)
+        time_cuts(raw, d.timestamp, d.id, s.valid_fraction, s.test_fraction, s.seed)
         if d.timestamp
         else None
     )
@@ -571,14 +611,18 @@ def _run_etl(
         train_positive_rate=prior,
     )
     keep = [d.id, d.target, SPLIT_COLUMN]
-    part_args = {"spec": draft.model_dump(), "lookups": lookups, "keep": keep, "oof": oof}
+    part_args: dict[str, Any] = {
+        "spec": draft.model_dump(),
+        "lookups": lookups,
+        "keep": keep,
+        "oof": oof,
+    }
     meta = derived_partition(raw._meta, **part_args)
     derived = raw.map_partitions(derived_partition, **part_args, meta=meta).persist()
 
     progress("fitting numeric imputation, clipping and scaling")
     train_derived = derived[derived[SPLIT_COLUMN] == 0]
-    frac = min(1.0, STATS_SAMPLE_ROWS / n_train)
-    sample = train_derived.sample(frac=frac, random_state=s.seed) if frac < 1.0 else train_derived
+    sample = hash_sample(train_derived, d.id, n_train, STATS_SAMPLE_ROWS, s.seed)
     sample_pd = _to_pandas(sample.compute())
     numeric = fit_numeric(sample_pd, numeric_names, fcfg.clip_quantiles)
     spec = draft.model_copy(update={"numeric": numeric})
