@@ -183,6 +183,55 @@ def fit_xgboost(
     )
 
 
+def active_dask_client() -> Any | None:
+    """The distributed client in scope (a cluster the caller opened), if any."""
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+def fit_xgboost_dask(
+    client: Any,
+    etl: EtlOutput,
+    feature_names: list[str],
+    target: str,
+    cfg: XGBoostConfig,
+    backend: Backend,
+    seed: int,
+) -> Any:
+    """Train across every worker of a dask cluster (one per GPU with dask-cuda) with
+    `xgboost.dask`; the data is read by the workers and never gathered on the client."""
+    import dask
+    import dask.dataframe as dd
+    from xgboost import dask as dxgb
+
+    workers = len(client.scheduler_info().get("workers", {}))
+    with dask.config.set({"dataframe.backend": backend.dataframe_backend}):
+        cols = [*feature_names, target]
+        train = dd.read_parquet(str(etl.features_dir("train")), columns=cols)
+        valid = dd.read_parquet(str(etl.features_dir("valid")), columns=cols)
+    if train.npartitions < workers:
+        train = train.repartition(npartitions=workers)
+    train, valid = client.persist([train, valid])
+    dtrain = dxgb.DaskQuantileDMatrix(
+        client, train[feature_names], train[target], max_bin=cfg.max_bin
+    )
+    dvalid = dxgb.DaskQuantileDMatrix(client, valid[feature_names], valid[target], ref=dtrain)
+    out = dxgb.train(
+        client,
+        xgboost_params(cfg, backend, seed),
+        dtrain,
+        num_boost_round=cfg.n_estimators,
+        evals=[(dvalid, "valid")],
+        early_stopping_rounds=cfg.early_stopping_rounds,
+        verbose_eval=False,
+    )
+    return out["booster"]
+
+
 def trim_to_best(booster: Any) -> Any:
     """Keep the trees up to the early-stopping best iteration, so every consumer of the saved
     model (FIL, ONNX, in-process scoring) predicts the same thing."""
@@ -244,7 +293,16 @@ def train_xgboost(
         read_split(etl, s, feature_names, target, id_col, backend)
         for s in ("train", "valid", "test")
     )
-    booster = trim_to_best(fit_xgboost(train, valid, cfg.xgboost, backend, seed))
+    client = active_dask_client()
+    if client is not None and len(client.scheduler_info().get("workers", {})) > 1:
+        log.info(
+            "xgboost: training on the %s-worker dask cluster",
+            len(client.scheduler_info()["workers"]),
+        )
+        booster = fit_xgboost_dask(client, etl, feature_names, target, cfg.xgboost, backend, seed)
+    else:
+        booster = fit_xgboost(train, valid, cfg.xgboost, backend, seed)
+    booster = trim_to_best(booster)
     out_dir.mkdir(parents=True, exist_ok=True)
     copy_transform(etl, out_dir)
     booster.save_model(str(out_dir / XGB_FILE))
@@ -256,7 +314,11 @@ def train_xgboost(
     y_test = to_host(test.target)
     metrics = classification_metrics(y_test, p_test)
     best = int(booster.attr("best_iteration") or booster.num_boosted_rounds() - 1)
-    params = {**xgboost_params(cfg.xgboost, backend, seed), "best_iteration": best}
+    params = {
+        **xgboost_params(cfg.xgboost, backend, seed),
+        "best_iteration": best,
+        "dask_workers": workers if workers > 1 else 0,
+    }
     importance = booster.get_score(importance_type="gain")
     named = {
         feature_names[int(k[1:])]: float(v) for k, v in importance.items() if k.startswith("f")

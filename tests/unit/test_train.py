@@ -65,3 +65,27 @@ def test_parity_check_fails_loudly() -> None:
     with pytest.raises(AssertionError, match="differ by"):
         check_parity(np.array([0.5, 0.2]), np.array([0.5, 0.3]), 1e-4, "demo")
     assert np.isnan(classification_metrics(np.zeros(4), np.full(4, 0.1))["roc_auc"])
+
+
+def test_xgboost_trains_across_a_dask_cluster(trained, tmp_path: Path) -> None:
+    """With a multi-worker cluster in scope, training goes through xgboost.dask (2 CPU workers
+    here; one worker per GPU with dask-cuda) and gives a model of the same quality."""
+    from distributed import Client, LocalCluster
+
+    from tasks.config import ModelConfig
+
+    etl, single, _ = trained
+    spec, _ = load_transform(etl.transform_dir)
+    cfg = ModelConfig.model_validate({"xgboost": {"n_estimators": 40}})
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        Client(cluster),
+    ):
+        model = train_xgboost(
+            etl, spec.feature_names, spec.target_column, spec.id_column, cfg, CPU, tmp_path, 0
+        )
+    assert model.params["dask_workers"] == 2
+    assert model.parity_max_abs_diff <= 1e-5
+    assert abs(model.metrics["roc_auc"] - single.metrics["roc_auc"]) < 0.05
