@@ -294,11 +294,9 @@ def train_xgboost(
         for s in ("train", "valid", "test")
     )
     client = active_dask_client()
-    if client is not None and len(client.scheduler_info().get("workers", {})) > 1:
-        log.info(
-            "xgboost: training on the %s-worker dask cluster",
-            len(client.scheduler_info()["workers"]),
-        )
+    workers = len(client.scheduler_info().get("workers", {})) if client is not None else 0
+    if workers > 1:
+        log.info("xgboost: training on the %s-worker dask cluster", workers)
         booster = fit_xgboost_dask(client, etl, feature_names, target, cfg.xgboost, backend, seed)
     else:
         booster = fit_xgboost(train, valid, cfg.xgboost, backend, seed)
