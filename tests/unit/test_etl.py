@@ -119,7 +119,9 @@ def test_raw_test_split_keeps_only_raw_columns(etl: tuple[EtlOutput, Path]) -> N
 def test_hash_sample_is_deterministic_and_sized(test_seed: int) -> None:
     from tasks.etl import hash_sample_partition
 
-    frame = pd.DataFrame({"id": np.arange(200_000), "x": np.random.default_rng(test_seed).random(200_000)})
+    frame = pd.DataFrame(
+        {"id": np.arange(200_000), "x": np.random.default_rng(test_seed).random(200_000)}
+    )
     a = hash_sample_partition(frame, id_col="id", frac=0.1, seed=7)
     b = hash_sample_partition(frame.iloc[::-1], id_col="id", frac=0.1, seed=7)
     assert sorted(a.id) == sorted(b.id)  # membership depends on the id only, not on row order

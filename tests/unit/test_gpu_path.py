@@ -41,7 +41,10 @@ def test_gpu_etl_matches_cpu(both_etls) -> None:
     assert spec_c.feature_names == spec_g.feature_names
     for a, b in zip(spec_c.numeric, spec_g.numeric, strict=True):
         np.testing.assert_allclose(
-            [a.fill, a.lo, a.hi, a.mean, a.std], [b.fill, b.lo, b.hi, b.mean, b.std], rtol=1e-6, atol=1e-9
+            [a.fill, a.lo, a.hi, a.mean, a.std],
+            [b.fill, b.lo, b.hi, b.mean, b.std],
+            rtol=1e-6,
+            atol=1e-9,
         )
     for a, b in zip(spec_c.categorical, spec_g.categorical, strict=True):
         assert a.vocabulary == b.vocabulary
@@ -55,7 +58,9 @@ def test_gpu_etl_matches_cpu(both_etls) -> None:
         fg = pd.read_parquet(gpu.features_dir(split)).sort_values("transaction_id")
         np.testing.assert_array_equal(fc.transaction_id.to_numpy(), fg.transaction_id.to_numpy())
         np.testing.assert_allclose(
-            fc[spec_c.feature_names].to_numpy(), fg[spec_c.feature_names].to_numpy(), atol=FEATURE_ATOL
+            fc[spec_c.feature_names].to_numpy(),
+            fg[spec_c.feature_names].to_numpy(),
+            atol=FEATURE_ATOL,
         )
 
 
