@@ -82,7 +82,7 @@ def time_feature_columns(ts_us: Any, names: Sequence[str], xp: Any) -> dict[str,
 class KeyIndex:
     """Sorted keys on the device (numeric) or on the host as strings, for exact-match lookups."""
 
-    numeric: Any | None
+    numeric: Any  # NumPy/CuPy array, or None for string keys
     strings: list[str] | None
 
     @classmethod
@@ -122,25 +122,19 @@ class KeyIndex:
         return xp.where(found, pos, -1).astype(xp.int64)
 
     def _string_positions(self, series: Any, xp: Any) -> Any:
-        # exact string match through a categorical cast whose categories are the keys in order,
-        # so a value's code is its position among the keys (-1/null when absent)
+        # exact string match: the position of each value in the key index (-1 when absent)
         keys = self.strings if self.strings is not None else [str(k) for k in _host(self.numeric)]
-        present = series.notna()
+        present = column_values(series.notna(), bool, False)
         text = series if series.dtype.kind == "O" else series.astype(str)
-        lib = _frame_module(series)
-        codes = text.astype(lib.CategoricalDtype(categories=keys)).cat.codes.astype("int64")
-        codes = codes.where(present, -1)
-        return column_values(codes, np.int64, -1)
+        if is_cudf(series):
+            import cudf
 
+            pos = cudf.Index(keys).get_indexer(text)
+        else:
+            import pandas
 
-def _frame_module(obj: Any) -> Any:
-    if is_cudf(obj):
-        import cudf
-
-        return cudf
-    import pandas
-
-    return pandas
+            pos = pandas.Index(keys).get_indexer(text)
+        return xp.where(present, xp.asarray(pos), -1).astype(xp.int64)
 
 
 def _host(x: Any) -> Any:

@@ -1,0 +1,138 @@
+"""Drift of scored data against training: the population stability index (PSI) of each model input,
+binned with the training histograms stored in the transform spec.
+
+Counts are plain integer arrays, so counts taken per partition on any worker (NumPy or CuPy) merge
+by addition, and the PSI of a whole run is computed once from the merged counts.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from tasks.spec import Histogram
+
+# Floor for bin fractions: an empty bin would make ln(actual / expected) infinite.
+PSI_EPSILON = 1e-4
+# Customary reading of the index: below 0.1 stable, 0.1 to 0.25 moderate, above 0.25 significant.
+PSI_MODERATE = 0.1
+PSI_SIGNIFICANT = 0.25
+
+Counts = dict[str, npt.NDArray[np.int64]]
+
+
+def population_stability_index(
+    expected_fractions: Sequence[float] | npt.NDArray[Any],
+    actual_counts: Sequence[int] | npt.NDArray[Any],
+    epsilon: float = PSI_EPSILON,
+) -> float:
+    """PSI = sum over bins of (a - e) * ln(a / e), with a and e the actual and expected fractions.
+
+    Both fractions are floored at `epsilon` so empty bins count as rare, not impossible.
+
+    Returns:
+        The index (>= 0), or NaN when there are no actual rows.
+    """
+    expected = np.asarray(expected_fractions, np.float64)
+    actual = np.asarray(actual_counts, np.float64)
+    if expected.shape != actual.shape:
+        raise ValueError(
+            f"expected {expected.shape[0]} bins of training fractions, got {actual.shape[0]} counts"
+        )
+    total = float(actual.sum())
+    if total <= 0:
+        return math.nan
+    a = np.maximum(actual / total, epsilon)
+    e = np.maximum(expected, epsilon)
+    return float(np.sum((a - e) * np.log(a / e)))
+
+
+def _array_module(x: Any) -> Any:
+    if type(x).__module__.split(".")[0] == "cupy":
+        import cupy
+
+        return cupy
+    return np
+
+
+def bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
+    """Rows per bin, with the binning of `tasks.etl.histograms` (np.searchsorted, side="right"):
+    bin i holds edges[i-1] <= x < edges[i], NaN falls in the last bin; len(edges) + 1 bins.
+
+    NumPy or CuPy values; the counts come back on the host.
+    """
+    xp = _array_module(values)
+    if xp is not np:
+        idx = xp.searchsorted(xp.asarray(np.asarray(edges, np.float64)), values, side="right")
+        counts = xp.bincount(idx.ravel(), minlength=len(edges) + 1)
+        return np.asarray(counts.get(), np.int64)
+    # On the host, one comparison pass per edge (edges are few) is several times faster than
+    # searchsorted; float64 scalars keep the comparison in float64, as searchsorted does.
+    col = np.asarray(values).ravel()
+    at_least = np.array([np.count_nonzero(col >= np.float64(e)) for e in edges], np.int64)
+    nan = int(np.count_nonzero(np.isnan(col))) if col.dtype.kind == "f" else 0
+    out = np.empty(len(edges) + 1, np.int64)
+    if len(edges) == 0:
+        out[0] = col.size
+        return out
+    out[0] = col.size - nan - at_least[0]
+    out[1:-1] = at_least[:-1] - at_least[1:]
+    out[-1] = at_least[-1] + nan
+    return out
+
+
+def histogram_counts(
+    matrix: Any, feature_names: Sequence[str], histograms: Mapping[str, Histogram]
+) -> Counts:
+    """Counts per training bin of each column of the model input matrix (n, n_features).
+
+    Features without a training histogram are left out.
+    """
+    xp = _array_module(matrix)
+    # feature-major copy: each column's values contiguous for the per-edge passes
+    columns = np.ascontiguousarray(matrix.T) if xp is np else matrix.T
+    out: Counts = {}
+    for j, name in enumerate(feature_names):
+        hist = histograms.get(name)
+        if hist is not None:
+            out[name] = bin_counts(columns[j], hist.edges)
+    return out
+
+
+def merge_counts(total: Counts, part: Mapping[str, Sequence[int] | npt.NDArray[Any]]) -> Counts:
+    """Add one partition's counts into `total` (in place) and return it."""
+    for name, counts in part.items():
+        arr = np.asarray(counts, np.int64)
+        if name in total:
+            if total[name].shape != arr.shape:
+                raise ValueError(
+                    f"{name}: cannot add {arr.shape[0]} bins to {total[name].shape[0]}"
+                )
+            total[name] = total[name] + arr
+        else:
+            total[name] = arr.copy()
+    return total
+
+
+def feature_psi(counts: Mapping[str, Any], histograms: Mapping[str, Histogram]) -> dict[str, float]:
+    """PSI of each feature that has both counts and a training histogram (NaN without rows)."""
+    return {
+        name: population_stability_index(histograms[name].fractions, c)
+        for name, c in counts.items()
+        if name in histograms
+    }
+
+
+def drift_level(psi: float) -> str:
+    """The customary reading of one PSI value."""
+    if math.isnan(psi):
+        return "n/a"
+    if psi < PSI_MODERATE:
+        return "stable"
+    if psi < PSI_SIGNIFICANT:
+        return "moderate"
+    return "significant"

@@ -1,0 +1,1361 @@
+"""Batch scoring: raw input partitions -> one predictions parquet each, exactly once per input file
+and model version, with a manifest, quarantine of bad partitions and run accounting.
+
+An input partition is one input file. Its predictions file is named after the file's fingerprint
+and the model version, and is written to a temporary name then renamed; its manifest entry is
+written after the rename. So a task that dask re-executes after a worker died rewrites the same
+file, and a crash between rename and manifest leaves a file that the next run redoes: no row is
+lost or scored twice. A file larger than `partition_rows` is read, scored and written in chunks of
+that many rows, so worker memory stays bounded.
+
+Layout of the output directory:
+    <stem>-<input fingerprint>-<model>-v<version>.parquet   id, score, label, model_name, model_version
+    _manifest/<stem>-<path hash>.json                        one entry per input file
+    _manifest/runs/<time>-<run id>.json, _manifest/last_run.json   run summaries
+    _models/<model>/<version>/                               the bundle the workers load
+
+Workers score a group of files in a three-stage pipeline (read ahead, score, write behind) so that
+reading, predicting and writing overlap. On GPU the data stays on the device from the parquet read
+to the prediction (cuDF -> `tasks.gpu_features` -> XGBoost on CuPy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+import queue
+import re
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+
+from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer, frame_to_raw
+from tasks.cluster import worker_cached, worker_count, worker_name, worker_threads
+from tasks.config import PipelineConfig
+from tasks.drift import Counts, bin_counts, drift_level, feature_psi, histogram_counts, merge_counts
+from tasks.io import (
+    ColumnRoles,
+    DataError,
+    TableFormat,
+    coerce_timestamps,
+    count_rows,
+    discover_files,
+    dtype_problems,
+    files_fingerprint,
+    peek_schema,
+    read_table,
+    table_format,
+    value_problems,
+)
+from tasks.spec import Histogram, TransformSpec
+
+log = logging.getLogger(__name__)
+
+MANIFEST_DIR = "_manifest"
+RUNS_DIR = "runs"
+LAST_RUN_FILE = "last_run.json"
+MODELS_DIR = "_models"
+LOCK_FILE = ".lock"
+SCORE_COLUMN = "score"
+LABEL_COLUMN = "label"
+MODEL_NAME_COLUMN = "model_name"
+MODEL_VERSION_COLUMN = "model_version"
+# Score distribution in the run summary: ten equal bins over [0, 1].
+SCORE_BIN_EDGES = [round(0.1 * i, 1) for i in range(1, 10)]
+# Dask tasks per worker: enough for load balance and progress updates, few enough that 10,000 input
+# files cost a few dozen task runs, not 10,000.
+GROUPS_PER_WORKER = 8
+READ_AHEAD = 1
+WRITE_BEHIND = 2
+OUTPUT_COMPRESSION = "snappy"
+_OUTPUT_NAME = re.compile(r"^.+-[0-9a-f]{16}-.+-v\d+\.parquet$")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# Exceptions that mean "this partition's data cannot be scored" (quarantine it) rather than a bug
+# or an infrastructure failure (fail the task). pyarrow's errors subclass ValueError.
+DATA_ERRORS: tuple[type[BaseException], ...] = (DataError, ValueError, TypeError, KeyError)
+
+Status = Literal["scored", "quarantined"]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputPartition(_Frozen):
+    """One input file as planned: its resolved path, fingerprint (path, size, mtime) and size."""
+
+    path: str
+    fingerprint: str
+    size: int
+
+
+class ScoringJob(_Frozen):
+    """Everything a worker needs to score partitions; plain values, so it pickles small."""
+
+    bundle_dir: str
+    model_name: str
+    model_version: int
+    scorer: ScorerKind
+    device: Literal["cpu", "gpu"]
+    output_dir: str
+    partition_rows: int
+    data_format: str = "auto"
+    run_id: str = ""
+
+
+class ManifestEntry(_Frozen):
+    """The record of one input file scored (or quarantined) by one model version."""
+
+    input: str
+    fingerprint: str
+    model_name: str
+    model_version: int
+    status: Status
+    rows_in: int
+    rows_scored: int
+    rows_quarantined: int
+    output: str | None = None
+    reason: str | None = None
+    seconds: float = 0.0
+    finished_at: str = ""
+    run_id: str = ""
+    worker: str = ""
+    positives: int = 0
+    score_counts: list[int] = []
+    drift_counts: dict[str, list[int]] = {}
+
+
+class ScoringError(RuntimeError):
+    """Scoring tasks failed for reasons other than bad data (the message names them)."""
+
+
+class QuarantineExceeded(RuntimeError):
+    """More rows were quarantined than the configured fraction allows."""
+
+
+# ---------------------------------------------------------------- naming and planning (pure)
+
+
+def _safe(text: str) -> str:
+    return _UNSAFE.sub("_", text).strip("_") or "x"
+
+
+def output_file_name(part: InputPartition, model_name: str, version: int) -> str:
+    """Deterministic per (input fingerprint, model, version): a re-executed task rewrites the same
+    file instead of adding a second one."""
+    return (
+        f"{_safe(Path(part.path).stem)}-{part.fingerprint}-{_safe(model_name)}-v{version}.parquet"
+    )
+
+
+def entry_file_name(input_path: str) -> str:
+    """Manifest file of one input path (the same for every model version and file content)."""
+    digest = hashlib.sha256(input_path.encode()).hexdigest()[:16]
+    return f"{_safe(Path(input_path).stem)}-{digest}.json"
+
+
+def is_current(
+    entry: ManifestEntry | None, part: InputPartition, model_name: str, version: int
+) -> bool:
+    """Whether `entry` already covers this file content with this model version."""
+    return (
+        entry is not None
+        and entry.input == part.path
+        and entry.fingerprint == part.fingerprint
+        and entry.model_name == model_name
+        and entry.model_version == version
+    )
+
+
+def plan_partitions(
+    parts: Sequence[InputPartition],
+    entries: Mapping[str, ManifestEntry],
+    model_name: str,
+    version: int,
+) -> tuple[list[InputPartition], list[ManifestEntry]]:
+    """Split inputs into those to score and the manifest entries of those already done (scored
+    or quarantined) for the same content and model version."""
+    todo, done = [], []
+    for part in parts:
+        entry = entries.get(part.path)
+        if entry is not None and is_current(entry, part, model_name, version):
+            done.append(entry)
+        else:
+            todo.append(part)
+    return todo, done
+
+
+def group_count(n_parts: int, n_workers: int, files_per_task: int = 0) -> int:
+    """Dask tasks for `n_parts` files: `files_per_task` each if set, else GROUPS_PER_WORKER per
+    worker (never more tasks than files)."""
+    if n_parts <= 0:
+        return 0
+    if files_per_task > 0:
+        return math.ceil(n_parts / files_per_task)
+    return min(n_parts, max(1, n_workers) * GROUPS_PER_WORKER)
+
+
+def group_partitions(parts: Sequence[InputPartition], n_groups: int) -> list[list[InputPartition]]:
+    """`min(n_groups, len(parts))` contiguous groups (in input order) of about equal total bytes.
+
+    Greedy: each group takes files while at least half of the next one fits its share of the
+    bytes still unassigned, and leaves at least one file for each group after it.
+    """
+    n_groups = max(0, min(n_groups, len(parts)))
+    sizes = [max(p.size, 1) for p in parts]
+    remaining = float(sum(sizes))
+    groups: list[list[InputPartition]] = []
+    start = 0
+    for g in range(n_groups):
+        left = n_groups - g
+        if left == 1:
+            groups.append(list(parts[start:]))
+            break
+        share = remaining / left
+        last_stop = len(parts) - (left - 1)
+        stop, taken = start + 1, float(sizes[start])
+        while stop < last_stop and taken + sizes[stop] / 2 <= share:
+            taken += sizes[stop]
+            stop += 1
+        groups.append(list(parts[start:stop]))
+        remaining -= taken
+        start = stop
+    return groups
+
+
+def scoring_roles(spec: TransformSpec) -> ColumnRoles:
+    """Roles of the raw columns that the model's transform reads (the target is not needed)."""
+    roles: dict[str, Any] = {spec.id_column: "id"}
+    roles.update({c: "numeric" for c in spec.raw_numeric})
+    roles.update({c: "categorical" for c in spec.raw_categorical})
+    if spec.timestamp_column:
+        roles[spec.timestamp_column] = "timestamp"
+    for e in spec.entities:
+        roles.setdefault(e.key, "key")
+    return ColumnRoles(roles)
+
+
+def scored_entry(
+    part: InputPartition,
+    job: ScoringJob,
+    *,
+    output: str,
+    rows: int,
+    positives: int,
+    score_counts: Sequence[int] | npt.NDArray[Any],
+    drift_counts: Mapping[str, Sequence[int] | npt.NDArray[Any]],
+    seconds: float,
+    worker: str = "",
+) -> ManifestEntry:
+    return ManifestEntry(
+        input=part.path,
+        fingerprint=part.fingerprint,
+        model_name=job.model_name,
+        model_version=job.model_version,
+        status="scored",
+        rows_in=rows,
+        rows_scored=rows,
+        rows_quarantined=0,
+        output=output,
+        seconds=round(seconds, 4),
+        finished_at=_now(),
+        run_id=job.run_id,
+        worker=worker,
+        positives=positives,
+        score_counts=[int(c) for c in score_counts],
+        drift_counts={k: [int(c) for c in v] for k, v in drift_counts.items()},
+    )
+
+
+def quarantine_entry(
+    part: InputPartition,
+    job: ScoringJob,
+    reason: str,
+    rows: int,
+    seconds: float = 0.0,
+    worker: str = "",
+) -> ManifestEntry:
+    """All rows of a bad partition are quarantined together, with the reason."""
+    return ManifestEntry(
+        input=part.path,
+        fingerprint=part.fingerprint,
+        model_name=job.model_name,
+        model_version=job.model_version,
+        status="quarantined",
+        rows_in=rows,
+        rows_scored=0,
+        rows_quarantined=rows,
+        reason=reason,
+        seconds=round(seconds, 4),
+        finished_at=_now(),
+        run_id=job.run_id,
+        worker=worker,
+    )
+
+
+def error_reason(path: str, exc: BaseException) -> str:
+    if isinstance(exc, DataError):
+        return str(exc)
+    return f"{path}: cannot be scored: {type(exc).__name__}: {exc}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- accounting (pure)
+
+
+@dataclass
+class RunTotals:
+    """Counts over the files processed in one run; `add` one manifest entry at a time."""
+
+    files_scored: int = 0
+    files_quarantined: int = 0
+    rows_in: int = 0
+    rows_scored: int = 0
+    rows_quarantined: int = 0
+    positives: int = 0
+    score_counts: npt.NDArray[np.int64] = field(
+        default_factory=lambda: np.zeros(len(SCORE_BIN_EDGES) + 1, np.int64)
+    )
+    drift_counts: Counts = field(default_factory=dict)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+
+    def add(self, entry: ManifestEntry) -> None:
+        if entry.rows_in != entry.rows_scored + entry.rows_quarantined:
+            raise ScoringError(
+                f"{entry.input}: manifest entry does not add up: {entry.rows_in} rows in, "
+                f"{entry.rows_scored} scored, {entry.rows_quarantined} quarantined"
+            )
+        self.rows_in += entry.rows_in
+        self.rows_scored += entry.rows_scored
+        self.rows_quarantined += entry.rows_quarantined
+        if entry.status == "scored":
+            self.files_scored += 1
+            self.positives += entry.positives
+            if entry.score_counts:
+                self.score_counts = self.score_counts + np.asarray(entry.score_counts, np.int64)
+            merge_counts(self.drift_counts, entry.drift_counts)
+        else:
+            self.files_quarantined += 1
+            self.quarantined.append(
+                {"input": entry.input, "rows": entry.rows_in, "reason": entry.reason}
+            )
+
+    @property
+    def files(self) -> int:
+        return self.files_scored + self.files_quarantined
+
+    @property
+    def accounting_holds(self) -> bool:
+        return self.rows_in == self.rows_scored + self.rows_quarantined
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "files_scored": self.files_scored,
+            "files_quarantined": self.files_quarantined,
+            "rows_in": self.rows_in,
+            "rows_scored": self.rows_scored,
+            "rows_quarantined": self.rows_quarantined,
+            "positives": self.positives,
+            "score_counts": [int(c) for c in self.score_counts],
+            "drift_counts": {k: [int(c) for c in v] for k, v in self.drift_counts.items()},
+            "quarantined": list(self.quarantined),
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RunTotals:
+        return cls(
+            files_scored=int(d["files_scored"]),
+            files_quarantined=int(d["files_quarantined"]),
+            rows_in=int(d["rows_in"]),
+            rows_scored=int(d["rows_scored"]),
+            rows_quarantined=int(d["rows_quarantined"]),
+            positives=int(d["positives"]),
+            score_counts=np.asarray(d["score_counts"], np.int64),
+            drift_counts={k: np.asarray(v, np.int64) for k, v in d["drift_counts"].items()},
+            quarantined=list(d["quarantined"]),
+        )
+
+
+def quarantined_fraction(totals: RunTotals) -> float:
+    """Quarantined rows / rows in; 1.0 when only unreadable files (rows unknown) were seen."""
+    if totals.rows_in > 0:
+        return totals.rows_quarantined / totals.rows_in
+    return 1.0 if totals.files_quarantined else 0.0
+
+
+def failure_reason(totals: RunTotals, max_fraction: float) -> str | None:
+    """Why the run must end Failed, or None: broken accounting, or too much quarantined."""
+    if not totals.accounting_holds:
+        return (
+            f"accounting does not hold: {totals.rows_in} rows in != {totals.rows_scored} scored "
+            f"+ {totals.rows_quarantined} quarantined"
+        )
+    fraction = quarantined_fraction(totals)
+    if fraction > max_fraction:
+        return (
+            f"{totals.rows_quarantined:,} of {totals.rows_in:,} rows ({fraction:.2%}) in "
+            f"{totals.files_quarantined} file(s) were quarantined, more than the allowed "
+            f"{max_fraction:.2%} (scoring.max_quarantined_fraction)"
+        )
+    return None
+
+
+def run_summary(
+    *,
+    run_id: str,
+    input_path: str,
+    output_dir: str,
+    model: Mapping[str, Any],
+    scorer: str,
+    device: str,
+    workers: int,
+    totals: RunTotals,
+    files_total: int,
+    files_skipped: int,
+    seconds_scoring: float,
+    seconds_total: float,
+    histograms: Mapping[str, Histogram],
+    max_fraction: float,
+) -> dict[str, Any]:
+    """The run's summary as plain JSON: counts, throughput, score distribution, drift, failures."""
+    psi = feature_psi(totals.drift_counts, histograms)
+    failure = failure_reason(totals, max_fraction)
+    scored = totals.rows_scored
+    return {
+        "run_id": run_id,
+        "finished_at": _now(),
+        "input": input_path,
+        "output": output_dir,
+        "model": dict(model),
+        "scorer": scorer,
+        "device": device,
+        "workers": workers,
+        "files": {
+            "total": files_total,
+            "scored": totals.files_scored,
+            "quarantined": totals.files_quarantined,
+            "skipped": files_skipped,
+        },
+        "rows": {
+            "in": totals.rows_in,
+            "scored": scored,
+            "quarantined": totals.rows_quarantined,
+        },
+        "accounting_holds": totals.accounting_holds,
+        "seconds_scoring": round(seconds_scoring, 3),
+        "seconds_total": round(seconds_total, 3),
+        "rows_per_second": round(totals.rows_in / seconds_scoring, 1) if seconds_scoring else 0.0,
+        "positives": totals.positives,
+        "positive_rate": totals.positives / scored if scored else None,
+        "score_distribution": {
+            "edges": [0.0, *SCORE_BIN_EDGES, 1.0],
+            "counts": [int(c) for c in totals.score_counts],
+        },
+        "drift_psi": {k: (None if math.isnan(v) else round(v, 6)) for k, v in psi.items()},
+        "quarantined_fraction": quarantined_fraction(totals),
+        "max_quarantined_fraction": max_fraction,
+        "quarantined": totals.quarantined,
+        "failed": failure is not None,
+        "failure": failure,
+    }
+
+
+def summary_table(summary: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """Rows of the Prefect table artifact: one metric per row."""
+    rows = summary["rows"]
+    files = summary["files"]
+    dist = summary["score_distribution"]
+    table = [
+        {"metric": "model", "value": f"{summary['model']['name']} v{summary['model']['version']}"},
+        {"metric": "scorer / device", "value": f"{summary['scorer']} / {summary['device']}"},
+        {"metric": "rows in", "value": rows["in"]},
+        {"metric": "rows scored", "value": rows["scored"]},
+        {"metric": "rows quarantined", "value": rows["quarantined"]},
+        {"metric": "rows/s", "value": summary["rows_per_second"]},
+        {"metric": "files scored", "value": files["scored"]},
+        {"metric": "files quarantined", "value": files["quarantined"]},
+        {"metric": "files skipped (already scored)", "value": files["skipped"]},
+        {"metric": "positive rate", "value": summary["positive_rate"]},
+    ]
+    edges = dist["edges"]
+    for i, count in enumerate(dist["counts"]):
+        table.append({"metric": f"score [{edges[i]:.1f}, {edges[i + 1]:.1f})", "value": count})
+    return table
+
+
+def summary_markdown(summary: Mapping[str, Any]) -> str:
+    """The run report: counts, drift per feature, quarantined files with their reasons."""
+    rows = summary["rows"]
+    lines = [
+        f"# Batch scoring: {summary['model']['name']} v{summary['model']['version']}",
+        "",
+        f"- input `{summary['input']}` -> output `{summary['output']}`",
+        f"- {rows['in']:,} rows in = {rows['scored']:,} scored + {rows['quarantined']:,} "
+        f"quarantined; {summary['files']['skipped']} file(s) skipped as already scored",
+        f"- {summary['rows_per_second']:,.0f} rows/s on {summary['workers']} worker(s) "
+        f"({summary['scorer']}, {summary['device']})",
+        f"- status: **{'FAILED: ' + summary['failure'] if summary['failed'] else 'ok'}**",
+        "",
+        "## Drift (population stability index vs training)",
+        "",
+        "| feature | PSI | reading |",
+        "|---|---|---|",
+    ]
+    for name, psi in sorted(
+        summary["drift_psi"].items(), key=lambda kv: -1.0 if kv[1] is None else -kv[1]
+    ):
+        value = math.nan if psi is None else psi
+        lines.append(f"| {name} | {value:.4f} | {drift_level(value)} |")
+    if summary["quarantined"]:
+        lines += ["", "## Quarantined files", "", "| file | rows | reason |", "|---|---|---|"]
+        for q in summary["quarantined"]:
+            reason = str(q["reason"]).replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{q['input']}` | {q['rows']:,} | {reason} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- configuration and inputs
+
+
+def scoring_config(
+    config_path: str | None, overrides: Mapping[str, Any] | None, home: str | None, input_path: str
+) -> PipelineConfig:
+    """The config a scoring run uses: the file given; else the built-in dataset's config written
+    into `home` by a training run; else built-in defaults (for the registry and scoring keys)."""
+    from tasks.config import builtin_config
+    from tasks.pipeline import HomeLayout, config_with_overrides
+
+    if config_path:
+        return config_with_overrides(config_path, overrides)
+    home_path = Path(home or ".gpupipe").expanduser().resolve()
+    layout = HomeLayout(home_path)
+    if layout.builtin_config.is_file():
+        return config_with_overrides(str(layout.builtin_config), overrides)
+    return builtin_config(input_path, home_path, **dict(overrides or {}))
+
+
+def champion_uri(cfg: PipelineConfig) -> str:
+    return f"models:/{cfg.model_name('xgboost')}@champion"
+
+
+def partition_of(path: Path) -> InputPartition:
+    path = path.resolve()
+    return InputPartition(
+        path=str(path), fingerprint=files_fingerprint([path]), size=path.stat().st_size
+    )
+
+
+def discover_partitions(
+    source: str, output_dir: str | None = None, declared_format: str = "auto"
+) -> list[InputPartition]:
+    """Input files of a directory, glob or file, in sorted order; [] for an empty directory or a
+    glob that matches nothing. Files under the output directory are never inputs."""
+    p = Path(source).expanduser()
+    if p.is_dir():
+        candidates = [f for f in p.iterdir() if f.is_file() and _is_table(f, declared_format)]
+    elif p.is_file():
+        candidates = [p]
+    elif any(ch in source for ch in "*?["):
+        candidates = [Path(f) for f in glob.glob(str(p)) if Path(f).is_file()]
+    else:
+        raise DataError(f"{source}: no such file or directory")
+    candidates = [f for f in candidates if not f.name.startswith(("_", "."))]
+    if not candidates:
+        return []
+    out = Path(output_dir).expanduser().resolve() if output_dir else None
+    files = discover_files(source, declared_format)
+    if out is not None:
+        files = [f for f in files if out not in f.parents]
+    return [partition_of(f) for f in files]
+
+
+def _is_table(path: Path, declared: str) -> bool:
+    try:
+        table_format(path, declared)
+    except DataError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------- manifest and output files
+
+
+def manifest_dir(output_dir: str | Path) -> Path:
+    return Path(output_dir) / MANIFEST_DIR
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+
+
+def read_entry(output_dir: str | Path, input_path: str) -> ManifestEntry | None:
+    """The manifest entry of one input, or None (missing, or unreadable: then it is redone)."""
+    path = manifest_dir(output_dir) / entry_file_name(input_path)
+    try:
+        return ManifestEntry.model_validate_json(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_manifest(output_dir: str | Path, paths: Iterable[str]) -> dict[str, ManifestEntry]:
+    found = {}
+    for path in paths:
+        entry = read_entry(output_dir, path)
+        if entry is not None:
+            found[path] = entry
+    return found
+
+
+def write_entry(output_dir: str | Path, entry: ManifestEntry) -> None:
+    write_json_atomic(manifest_dir(output_dir) / entry_file_name(entry.input), entry.model_dump())
+
+
+def all_entries(output_dir: str | Path) -> list[ManifestEntry]:
+    out: list[ManifestEntry] = []
+    directory = manifest_dir(output_dir)
+    if not directory.is_dir():
+        return out
+    for path in directory.glob("*.json"):
+        try:
+            out.append(ManifestEntry.model_validate_json(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def sweep_outputs(output_dir: str | Path) -> list[str]:
+    """Delete predictions files that no manifest entry points at (superseded by a new model
+    version or input content, or left by a crash) and temporary files of killed writers.
+
+    Only call this while holding `output_lock`: it would delete a concurrent run's files.
+    """
+    out = Path(output_dir)
+    if not out.is_dir():
+        return []
+    referenced = {e.output for e in all_entries(out) if e.output}
+    removed = []
+    for path in out.iterdir():
+        stale_tmp = path.name.startswith(".") and ".parquet.tmp-" in path.name
+        orphan = _OUTPUT_NAME.match(path.name) is not None and path.name not in referenced
+        if path.is_file() and (stale_tmp or orphan):
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+    manifest = manifest_dir(out)
+    if manifest.is_dir():
+        for path in manifest.glob(".*.json.tmp-*"):  # manifest writes cut short by a crash
+            path.unlink(missing_ok=True)
+            removed.append(f"{MANIFEST_DIR}/{path.name}")
+    return sorted(removed)
+
+
+@contextlib.contextmanager
+def output_lock(output_dir: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on an output directory for one run (released if the process dies).
+
+    Raises:
+        RuntimeError: another run holds it.
+    """
+    import fcntl
+
+    path = manifest_dir(output_dir) / LOCK_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            raise RuntimeError(
+                f"{output_dir}: another batch scoring run is writing here (lock {path})"
+            ) from exc
+        try:
+            yield path
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def write_run_summary(output_dir: str | Path, summary: Mapping[str, Any]) -> Path:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = manifest_dir(output_dir) / RUNS_DIR / f"{stamp}-{_safe(str(summary['run_id']))}.json"
+    write_json_atomic(path, summary)
+    write_json_atomic(manifest_dir(output_dir) / LAST_RUN_FILE, summary)
+    return path
+
+
+# ---------------------------------------------------------------- engines (worker side)
+
+
+@dataclass
+class ScoredChunk:
+    """One chunk's predictions (a pyarrow Table or cuDF frame) and its statistics."""
+
+    table: Any
+    rows: int
+    positives: int
+    score_counts: npt.NDArray[np.int64]
+    drift_counts: Counts
+
+
+class Sink(Protocol):
+    def write(self, table: Any) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+class Engine(Protocol):
+    """Reads raw partitions, scores them and writes predictions on one device."""
+
+    @property
+    def spec(self) -> TransformSpec: ...
+
+    def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any: ...
+    def read_chunks(
+        self, path: Path, columns: list[str], rows: int, total: int
+    ) -> Iterator[Any]: ...
+    def score(self, frame: Any) -> ScoredChunk: ...
+    def open_sink(self, tmp_path: Path) -> Sink: ...
+
+
+def read_csv_checked(path: Path, columns: list[str], roles: ColumnRoles) -> Any:
+    """A CSV file with pandas, timestamps parsed, column types checked on the data itself."""
+    frame = coerce_timestamps(read_table(path, columns, "csv"), roles, path)
+    problems = dtype_problems(frame, roles, path)
+    if problems:
+        raise DataError("; ".join(problems))
+    return frame
+
+
+def _unreadable(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"{path}: unreadable parquet file: {type(exc).__name__}: {exc}")
+
+
+def _chunk_stats(matrix: Any, probs: Any, labels: Any, spec: TransformSpec) -> tuple[Any, ...]:
+    positives = int(labels.sum())
+    score_counts = bin_counts(probs, SCORE_BIN_EDGES)
+    drift = histogram_counts(matrix, spec.feature_names, spec.histograms)
+    return positives, score_counts, drift
+
+
+@dataclass
+class CpuEngine:
+    """pandas + NumPy transform (`numpy_features`, the training code) + in-process scorer."""
+
+    bundle: LoadedBundle
+    model_name: str
+    model_version: int
+
+    @property
+    def spec(self) -> TransformSpec:
+        return self.bundle.spec
+
+    def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any:
+        if fmt == "csv":
+            return read_csv_checked(path, columns, roles)
+        return read_table(path, columns, fmt)
+
+    def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        try:
+            batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns)
+            for batch in batches:
+                yield pa.Table.from_batches([batch]).to_pandas()
+        except (OSError, pa.ArrowException) as exc:
+            raise _unreadable(path, exc) from exc
+
+    def score(self, frame: Any) -> ScoredChunk:
+        spec = self.spec
+        n = len(frame)
+        if n:
+            matrix = self.bundle.features(frame_to_raw(frame, spec.raw_columns))
+            probs = np.asarray(self.bundle.scorer.predict_proba(matrix), np.float32).reshape(-1)
+        else:
+            matrix = np.zeros((0, len(spec.feature_names)), np.float32)
+            probs = np.zeros(0, np.float32)
+        labels = (probs >= self.bundle.threshold).astype(np.int8)
+        positives, score_counts, drift = _chunk_stats(matrix, probs, labels, spec)
+        table = self._table(frame[spec.id_column], probs, labels)
+        return ScoredChunk(table, n, positives, score_counts, drift)
+
+    def _table(self, ids: Any, probs: Any, labels: Any) -> Any:
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        n = len(probs)
+        return pa.table(
+            {
+                self.spec.id_column: pa.Array.from_pandas(ids),
+                SCORE_COLUMN: pa.array(probs, pa.float32()),
+                LABEL_COLUMN: pa.array(labels, pa.int8()),
+                # one string repeated, built in Arrow rather than as a Python list of n
+                MODEL_NAME_COLUMN: pc.take(
+                    pa.array([self.model_name], pa.string()), pa.array(np.zeros(n, np.int32))
+                ),
+                MODEL_VERSION_COLUMN: pa.array(np.full(n, self.model_version, np.int64)),
+            }
+        )
+
+    def open_sink(self, tmp_path: Path) -> Sink:
+        return ArrowSink(tmp_path)
+
+
+class ArrowSink:
+    """Streams chunks into one parquet file with pyarrow (one row group per chunk)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._writer: Any = None
+        self._schema: Any = None
+
+    def write(self, table: Any) -> None:
+        import pyarrow.parquet as pq
+
+        if self._writer is None:
+            self._schema = table.schema
+            self._writer = pq.ParquetWriter(self.path, table.schema, compression=OUTPUT_COMPRESSION)
+        elif table.schema != self._schema:
+            # e.g. an id column read as int64 in one chunk and as float64 (nulls) in another
+            table = table.cast(self._schema)
+        self._writer.write_table(table)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            self.close()
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
+class GpuEngine:
+    """cuDF read -> `gpu_features.DeviceTransform` -> XGBoost on CuPy -> cuDF write.
+
+    The frame, the feature matrix and the predictions stay in device memory; only the per-chunk
+    histogram counts come back to the host. An ONNX scorer runs on the host (ONNX Runtime's CPU
+    provider), so with it the matrix makes one trip to host memory.
+    """
+
+    bundle: LoadedBundle
+    transform: Any
+    model_name: str
+    model_version: int
+
+    @property
+    def spec(self) -> TransformSpec:
+        return self.bundle.spec
+
+    def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any:
+        import cudf
+
+        if fmt == "csv":
+            return cudf.from_pandas(read_csv_checked(path, columns, roles))
+        try:
+            return cudf.read_parquet(str(path), columns=columns)
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # cuDF raises many types for corrupt files
+            raise _unreadable(path, exc) from exc
+
+    def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
+        import cudf
+
+        for start in range(0, total, rows):
+            try:
+                frame = cudf.read_parquet(
+                    str(path), columns=columns, skip_rows=start, nrows=min(rows, total - start)
+                )
+            except (MemoryError, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise _unreadable(path, exc) from exc
+            yield frame
+
+    def _predict(self, matrix: Any) -> Any:
+        import cupy
+
+        scorer = self.bundle.scorer
+        if isinstance(scorer, XGBoostScorer):
+            out = scorer.booster.inplace_predict(matrix)
+            return cupy.asarray(out).reshape(-1).astype(cupy.float32, copy=False)
+        return cupy.asarray(scorer.predict_proba(cupy.asnumpy(matrix)), cupy.float32)
+
+    def score(self, frame: Any) -> ScoredChunk:
+        import cudf
+        import cupy
+
+        spec = self.spec
+        n = len(frame)
+        if n:
+            matrix = self.transform.matrix(frame)
+            probs = self._predict(matrix)
+        else:
+            matrix = cupy.zeros((0, len(spec.feature_names)), cupy.float32)
+            probs = cupy.zeros(0, cupy.float32)
+        labels = (probs >= self.bundle.threshold).astype(cupy.int8)
+        positives, score_counts, drift = _chunk_stats(matrix, probs, labels, spec)
+        table = cudf.DataFrame(
+            {
+                spec.id_column: frame[spec.id_column].reset_index(drop=True),
+                SCORE_COLUMN: probs,
+                LABEL_COLUMN: labels,
+                MODEL_NAME_COLUMN: cudf.Series([self.model_name]).repeat(n).reset_index(drop=True),
+                MODEL_VERSION_COLUMN: cupy.full(n, self.model_version, cupy.int64),
+            }
+        )
+        return ScoredChunk(table, n, positives, score_counts, drift)
+
+    def open_sink(self, tmp_path: Path) -> Sink:
+        return CudfSink(tmp_path)
+
+
+class CudfSink:
+    """Keeps a file's chunks of predictions on the device and writes them once at close (the
+    predictions are a few bytes per row, far smaller than the raw chunks)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._frames: list[Any] = []
+
+    def write(self, table: Any) -> None:
+        self._frames.append(table)
+
+    def close(self) -> None:
+        import cudf
+
+        frames = self._frames
+        frame = frames[0] if len(frames) == 1 else cudf.concat(frames, ignore_index=True)
+        frame.to_parquet(str(self.path), index=False, compression=OUTPUT_COMPRESSION)
+        self._frames = []
+
+    def abort(self) -> None:
+        self._frames = []
+        self.path.unlink(missing_ok=True)
+
+
+def load_engine(job: ScoringJob, threads: int) -> Engine:
+    """Load a bundle for scoring on this worker (call through `worker_cached`)."""
+    bundle_dir = Path(job.bundle_dir)
+    if job.device == "gpu":
+        import cupy
+
+        from tasks.gpu_features import DeviceTransform
+
+        bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cuda")
+        transform = DeviceTransform(bundle.spec_dict, bundle.lookups, cupy)
+        return GpuEngine(bundle, transform, job.model_name, job.model_version)
+    bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cpu")
+    # one worker per core: each model uses its worker's threads, not every core of the machine
+    if isinstance(bundle.scorer, XGBoostScorer):
+        bundle.scorer.booster.set_param({"nthread": threads})
+    elif isinstance(bundle.scorer, OnnxScorer):
+        meta = bundle.meta
+        bundle.scorer = OnnxScorer.load(
+            bundle_dir / meta["onnx_file"], meta["onnx_input"], meta["onnx_output"], threads
+        )
+    return CpuEngine(bundle, job.model_name, job.model_version)
+
+
+def cached_engine(job: ScoringJob) -> Engine:
+    """This worker's engine for the job's bundle, scorer and device, loaded on first use."""
+    threads = worker_threads()
+    key = ("engine", job.bundle_dir, job.scorer, job.device, threads)
+    return worker_cached(key, lambda: load_engine(job, threads))
+
+
+# ---------------------------------------------------------------- the worker pipeline
+
+
+@dataclass
+class _Chunk:
+    part: InputPartition
+    frame: Any
+    rows_in: int
+    last: bool
+    started: float
+
+
+@dataclass
+class _Bad:
+    part: InputPartition
+    reason: str
+    rows: int
+    started: float
+
+
+@dataclass
+class _Done:
+    entry: ManifestEntry
+
+
+_Item = _Chunk | _Bad | _Done
+
+
+def _rows_or_zero(path: Path, fmt: str) -> int:
+    try:
+        return count_rows(path, fmt)
+    except (DataError, OSError, ValueError):
+        return 0  # unreadable: the row count is unknown
+
+
+def read_partition(
+    engine: Engine, job: ScoringJob, part: InputPartition, roles: ColumnRoles
+) -> Iterator[_Chunk | _Bad]:
+    """Check one input file and yield its chunks, or one `_Bad` with the quarantine reason.
+
+    A `_Bad` can follow chunks already yielded (a read error midway): the file is then
+    quarantined as a whole and its partial output discarded.
+    """
+    started = time.perf_counter()
+    path = Path(part.path)
+    fmt: TableFormat = "parquet"
+    try:
+        fmt = table_format(path, job.data_format)
+        schema = peek_schema(path, fmt)
+    except DataError as exc:
+        yield _Bad(part, str(exc), _rows_or_zero(path, fmt), started)
+        return
+    problems = dtype_problems(schema, roles, path)
+    if problems:
+        yield _Bad(part, "; ".join(problems), _rows_or_zero(path, fmt), started)
+        return
+    columns = roles.columns
+    total = _rows_or_zero(path, fmt) if fmt == "parquet" else None
+    try:
+        if total is None or total <= job.partition_rows:
+            frame = engine.read(path, fmt, columns, roles)
+            problems = value_problems(frame, roles, path, unique_ids=True) if len(frame) else []
+            if problems:
+                yield _Bad(part, "; ".join(problems), len(frame), started)
+            else:
+                yield _Chunk(part, frame, len(frame), True, started)
+            return
+        # Too big to hold at once: check the ids of the whole file first, then stream chunks.
+        id_col = roles.of("id")[0]
+        ids = engine.read(path, fmt, [id_col], ColumnRoles({id_col: "id"}))
+        problems = value_problems(ids, roles, path, unique_ids=True)
+        del ids
+        if problems:
+            yield _Bad(part, "; ".join(problems), total, started)
+            return
+        previous = None
+        for frame in engine.read_chunks(path, columns, job.partition_rows, total):
+            if previous is not None:
+                yield _Chunk(part, previous, total, False, started)
+            previous = frame
+        if previous is not None:
+            yield _Chunk(part, previous, total, True, started)
+    except DataError as exc:
+        yield _Bad(part, str(exc), total or 0, started)
+
+
+def _read_items(
+    engine: Engine, job: ScoringJob, parts: Sequence[InputPartition], roles: ColumnRoles
+) -> Iterator[_Item]:
+    for part in parts:
+        existing = read_entry(job.output_dir, part.path)
+        if is_current(existing, part, job.model_name, job.model_version):
+            # done by an earlier attempt of this task, on a worker that died afterwards
+            assert existing is not None
+            yield _Done(existing)
+            continue
+        yield from read_partition(engine, job, part, roles)
+
+
+_END = object()
+
+
+class _ReadAhead:
+    """Runs an iterator in a background thread, `depth` items ahead of the consumer; its
+    exceptions are re-raised in the consumer."""
+
+    def __init__(self, items: Iterator[Any], depth: int) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._items = items
+        self._thread = threading.Thread(target=self._run, name="gpupipe-read-ahead", daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self) -> None:
+        try:
+            for item in self._items:
+                if not self._put(item):
+                    return
+            self._put(_END)
+        except BaseException as exc:
+            self._put(_Raised(exc))
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, _Raised):
+                raise item.exc
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        with contextlib.suppress(queue.Empty):
+            while True:
+                self._queue.get_nowait()
+        self._thread.join(timeout=30)
+
+
+@dataclass
+class _Raised:
+    exc: BaseException
+
+
+class _FileWriter:
+    """Writes one input file's predictions and manifest entry; runs on the writer thread."""
+
+    def __init__(
+        self, engine: Engine, job: ScoringJob, part: InputPartition, started: float, worker: str
+    ) -> None:
+        self.engine = engine
+        self.worker = worker
+        self.job = job
+        self.part = part
+        self.started = started
+        self.out_dir = Path(job.output_dir)
+        self.name = output_file_name(part, job.model_name, job.model_version)
+        self.tmp = self.out_dir / f".{self.name}.tmp-{uuid.uuid4().hex[:12]}"
+        self.sink: Sink | None = None
+        self.rows = 0
+        self.positives = 0
+        self.score_counts = np.zeros(len(SCORE_BIN_EDGES) + 1, np.int64)
+        self.drift: Counts = {}
+        self.write_error: str | None = None
+        self.failed = False  # set by the scoring thread once a quarantine is queued
+
+    def write(self, chunk: ScoredChunk) -> None:
+        if self.write_error is not None:
+            return
+        try:
+            if self.sink is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self.sink = self.engine.open_sink(self.tmp)
+            self.sink.write(chunk.table)
+        except DATA_ERRORS as exc:
+            self.write_error = error_reason(self.part.path, exc)
+            self.abort()
+            return
+        self.rows += chunk.rows
+        self.positives += chunk.positives
+        self.score_counts += chunk.score_counts
+        merge_counts(self.drift, chunk.drift_counts)
+
+    def commit(self, rows_in: int) -> ManifestEntry:
+        if self.write_error is not None:
+            return self.quarantine(self.write_error, rows_in)
+        if self.rows != rows_in:
+            self.abort()
+            raise ScoringError(
+                f"{self.part.path}: {self.rows} rows scored but {rows_in} rows read; not committing"
+            )
+        assert self.sink is not None
+        self.sink.close()
+        final = self.out_dir / self.name
+        os.replace(self.tmp, final)
+        entry = scored_entry(
+            self.part,
+            self.job,
+            output=self.name,
+            rows=self.rows,
+            positives=self.positives,
+            score_counts=self.score_counts,
+            drift_counts=self.drift,
+            seconds=time.perf_counter() - self.started,
+            worker=self.worker,
+        )
+        self._record(entry)
+        return entry
+
+    def quarantine(self, reason: str, rows: int) -> ManifestEntry:
+        self.abort()
+        entry = quarantine_entry(
+            self.part, self.job, reason, rows, time.perf_counter() - self.started, self.worker
+        )
+        self._record(entry)
+        return entry
+
+    def _record(self, entry: ManifestEntry) -> None:
+        """Manifest entry after the output file; then drop the file the entry used to point at."""
+        previous = read_entry(self.out_dir, self.part.path)
+        write_entry(self.out_dir, entry)
+        if previous is not None and previous.output and previous.output != entry.output:
+            (self.out_dir / previous.output).unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+            self.sink = None
+        self.tmp.unlink(missing_ok=True)
+
+
+def score_partitions(
+    engine: Engine, job: ScoringJob, parts: Sequence[InputPartition], worker: str = ""
+) -> list[ManifestEntry]:
+    """Score input files in order with reading, scoring and writing overlapped; one manifest
+    entry per file, in input order."""
+    roles = scoring_roles(engine.spec)
+    reader = _ReadAhead(_read_items(engine, job, parts, roles), READ_AHEAD)
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupipe-write")
+    pending: deque[Future[ManifestEntry | None]] = deque()
+    open_files: dict[str, _FileWriter] = {}
+    results: list[ManifestEntry] = []
+
+    def collect(limit: int) -> None:
+        while len(pending) > limit:
+            entry = pending.popleft().result()
+            if entry is not None:
+                results.append(entry)
+
+    try:
+        for item in reader:
+            if isinstance(item, _Done):
+                results.append(item.entry)
+                continue
+            path = item.part.path
+            fw = open_files.get(path)
+            if fw is None:
+                fw = _FileWriter(engine, job, item.part, item.started, worker)
+                open_files[path] = fw
+            if isinstance(item, _Bad):
+                del open_files[path]
+                if not fw.failed:
+                    pending.append(writer.submit(fw.quarantine, item.reason, item.rows))
+                continue
+            if fw.failed:
+                if item.last:
+                    del open_files[path]
+                continue
+            try:
+                scored = engine.score(item.frame)
+            except DATA_ERRORS as exc:
+                fw.failed = True
+                pending.append(writer.submit(fw.quarantine, error_reason(path, exc), item.rows_in))
+                if item.last:
+                    del open_files[path]
+                continue
+            pending.append(writer.submit(fw.write, scored))
+            if item.last:
+                del open_files[path]
+                pending.append(writer.submit(fw.commit, item.rows_in))
+            collect(WRITE_BEHIND)
+        collect(0)
+    except BaseException:
+        reader.close()
+        writer.shutdown(wait=True, cancel_futures=True)
+        for fw in open_files.values():
+            fw.abort()
+        raise
+    reader.close()
+    writer.shutdown(wait=True)
+    order = {p.path: i for i, p in enumerate(parts)}
+    return sorted(results, key=lambda e: order[e.input])
+
+
+def score_group(job: ScoringJob, parts: Sequence[InputPartition]) -> list[dict[str, Any]]:
+    """The dask task: score a group of input files on this worker; manifest entries as JSON."""
+    engine = cached_engine(job)
+    # the worker's name is only known on this thread, not on the reader and writer threads
+    entries = score_partitions(engine, job, parts, worker=worker_name())
+    return [e.model_dump() for e in entries]
+
+
+# ---------------------------------------------------------------- the driver
+
+
+ProgressCallback = Callable[[RunTotals, int, int], None]
+
+
+@dataclass
+class ClusterRun:
+    totals: RunTotals
+    workers: int
+    tasks: int
+    seconds_scoring: float
+
+
+def run_on_cluster(
+    client: Any,
+    job: ScoringJob,
+    todo: Sequence[InputPartition],
+    *,
+    files_per_task: int = 0,
+    on_progress: ProgressCallback | None = None,
+) -> ClusterRun:
+    """Submit groups of input files to the cluster and account for each entry as it completes.
+
+    Every group runs to completion even if another fails (its files are then committed and a
+    retry skips them); failures are raised together at the end.
+    """
+    from distributed import as_completed
+
+    workers = worker_count(client)
+    groups = group_partitions(todo, group_count(len(todo), workers, files_per_task))
+    log.info(
+        "scoring %d file(s) in %d dask task(s) on %d worker(s)", len(todo), len(groups), workers
+    )
+    started = time.perf_counter()
+    futures = [
+        client.submit(score_group, job, group, key=f"score-{job.run_id}-{i}-{uuid.uuid4().hex[:6]}")
+        for i, group in enumerate(groups)
+    ]
+    totals = RunTotals()
+    errors: list[BaseException] = []
+    files_done = 0
+    for future in as_completed(futures):
+        try:
+            entries = future.result()
+        except Exception as exc:
+            errors.append(exc)
+            continue
+        finally:
+            future.release()
+        for raw in entries:
+            totals.add(ManifestEntry.model_validate(raw))
+        files_done += len(entries)
+        if on_progress is not None:
+            on_progress(totals, files_done, len(todo))
+    seconds = time.perf_counter() - started
+    if errors:
+        raise ScoringError(
+            f"{len(errors)} of {len(groups)} scoring task(s) failed; first: "
+            f"{type(errors[0]).__name__}: {errors[0]}"
+        ) from errors[0]
+    return ClusterRun(totals, workers, len(groups), seconds)

@@ -1,0 +1,552 @@
+"""Batch scoring without a cluster: naming, planning, grouping, accounting, the worker pipeline
+(exactly once, chunking, quarantine, resume, rescoring) and the device transform's logic."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.backend import probe_gpu, resolve_backend
+from tasks.bundle import LoadedBundle, frame_to_raw
+from tasks.io import DataError
+from tasks.scoring import (
+    LAST_RUN_FILE,
+    MANIFEST_DIR,
+    InputPartition,
+    ManifestEntry,
+    RunTotals,
+    ScoringError,
+    ScoringJob,
+    discover_partitions,
+    entry_file_name,
+    failure_reason,
+    group_count,
+    group_partitions,
+    is_current,
+    load_engine,
+    output_file_name,
+    output_lock,
+    partition_of,
+    plan_partitions,
+    quarantined_fraction,
+    read_entry,
+    read_manifest,
+    run_summary,
+    score_partitions,
+    summary_markdown,
+    summary_table,
+    sweep_outputs,
+    write_entry,
+    write_run_summary,
+)
+
+GPU_OK, GPU_WHY = probe_gpu()
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small XGBoost bundle trained on the shared synthetic dataset."""
+    from tasks.config import builtin_config
+    from tasks.etl import load_transform, run_etl
+    from tasks.train import train_xgboost
+
+    home = tmp_path_factory.mktemp("scoring-unit")
+    cfg = builtin_config(
+        raw_dataset, home, **{"model.xgboost.n_estimators": 15, "model.mlp.enabled": False}
+    )
+    backend = resolve_backend("cpu")
+    etl = run_etl(cfg, backend, home / "etl")
+    spec, _ = load_transform(etl.transform_dir)
+    model = train_xgboost(
+        etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, backend,
+        home / "bundle", 0,
+    )  # fmt: skip
+    return model.bundle_dir
+
+
+@pytest.fixture(scope="module")
+def bundle(bundle_dir: Path) -> LoadedBundle:
+    return LoadedBundle.load(bundle_dir, "xgboost")
+
+
+@pytest.fixture(scope="module")
+def base_frame(tmp_path_factory: pytest.TempPathFactory, test_seed: int) -> pd.DataFrame:
+    """6,000 fresh raw rows (another seed than the training data)."""
+    from tasks.generate import generate_transactions
+
+    out = tmp_path_factory.mktemp("score-input")
+    paths = generate_transactions(6_000, out, seed=test_seed % 997 + 1, rows_per_file=6_000)
+    return pd.read_parquet(paths[0])
+
+
+def make_job(bundle_dir: Path, out: Path, **kw: Any) -> ScoringJob:
+    params: dict[str, Any] = {
+        "bundle_dir": str(bundle_dir),
+        "model_name": "fraud-xgb",
+        "model_version": 1,
+        "scorer": "xgboost",
+        "device": "cpu",
+        "output_dir": str(out),
+        "partition_rows": 1_000_000,
+        "run_id": "unit",
+    }
+    params.update(kw)
+    return ScoringJob(**params)
+
+
+def write_parts(frame: pd.DataFrame, directory: Path, n: int, **kw: Any) -> list[InputPartition]:
+    directory.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for i, chunk in enumerate(np.array_split(np.arange(len(frame)), n)):
+        path = directory / f"part-{i}.parquet"
+        frame.iloc[chunk].to_parquet(path, index=False, **kw)
+        parts.append(partition_of(path))
+    return parts
+
+
+def score(job: ScoringJob, parts: list[InputPartition]) -> list[ManifestEntry]:
+    return score_partitions(load_engine(job, threads=1), job, parts)
+
+
+def outputs(out: Path) -> pd.DataFrame:
+    files = sorted(p for p in out.glob("*.parquet"))
+    return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+
+
+def expected_scores(bundle: LoadedBundle, frame: pd.DataFrame) -> pd.Series:
+    probs = bundle.predict_raw(frame_to_raw(frame, bundle.spec.raw_columns))
+    return pd.Series(probs, index=frame["transaction_id"].to_numpy())
+
+
+def hidden_files(out: Path) -> list[str]:
+    return [p.name for p in out.iterdir() if p.name.startswith(".")]
+
+
+# ---------------------------------------------------------------- naming and planning
+
+
+def _part(path: str = "/in/a.parquet", fp: str = "0123456789abcdef", size: int = 10):
+    return InputPartition(path=path, fingerprint=fp, size=size)
+
+
+def test_output_names_are_deterministic_per_content_model_and_version() -> None:
+    a = output_file_name(_part(), "fraud/xgb", 3)
+    assert a == output_file_name(_part(), "fraud/xgb", 3)
+    assert a == "a-0123456789abcdef-fraud_xgb-v3.parquet"
+    assert a != output_file_name(_part(), "fraud/xgb", 4)
+    assert a != output_file_name(_part(fp="fedcba9876543210"), "fraud/xgb", 3)
+    assert entry_file_name("/in/a.parquet") == entry_file_name("/in/a.parquet")
+    assert entry_file_name("/in/a.parquet") != entry_file_name("/other/a.parquet")
+
+
+def _entry(part: InputPartition, version: int = 1, name: str = "m", **kw: Any) -> ManifestEntry:
+    return ManifestEntry(
+        input=part.path,
+        fingerprint=part.fingerprint,
+        model_name=name,
+        model_version=version,
+        status=kw.pop("status", "scored"),
+        rows_in=kw.pop("rows_in", 5),
+        rows_scored=kw.pop("rows_scored", 5),
+        rows_quarantined=kw.pop("rows_quarantined", 0),
+        **kw,
+    )
+
+
+def test_plan_skips_only_same_content_and_model_version() -> None:
+    same, changed, newer, other, fresh = (_part(f"/in/{c}.parquet") for c in "abcde")
+    entries = {
+        same.path: _entry(same),
+        changed.path: _entry(_part(changed.path, fp="ffffffffffffffff")),
+        newer.path: _entry(newer, version=0),
+        other.path: _entry(other, name="another-model"),
+    }
+    todo, done = plan_partitions([same, changed, newer, other, fresh], entries, "m", 1)
+    assert [p.path for p in todo] == [changed.path, newer.path, other.path, fresh.path]
+    assert [e.input for e in done] == [same.path]
+    assert is_current(entries[same.path], same, "m", 1)
+    assert not is_current(None, same, "m", 1)
+
+
+def test_group_count_bounds_tasks_not_files() -> None:
+    assert group_count(0, 4) == 0
+    assert group_count(3, 4) == 3
+    assert group_count(10_000, 4) == 32  # a few dozen dask tasks for ten thousand files
+    assert group_count(10, 4, files_per_task=3) == 4
+
+
+@pytest.mark.parametrize("n_groups", [1, 2, 3, 7, 50])
+def test_groups_are_contiguous_balanced_and_complete(n_groups: int, test_seed: int) -> None:
+    rng = np.random.default_rng(test_seed)
+    parts = [
+        _part(f"/in/{i:03d}.parquet", size=int(s)) for i, s in enumerate(rng.integers(1, 100, 20))
+    ]
+    groups = group_partitions(parts, n_groups)
+    assert [p for g in groups for p in g] == parts
+    assert all(groups) and len(groups) == min(n_groups, len(parts))
+    if n_groups == 2:
+        sizes = [sum(p.size for p in g) for g in groups]
+        assert abs(sizes[0] - sizes[1]) <= 100
+    assert group_partitions([], 3) == []
+
+
+# ---------------------------------------------------------------- accounting and summary
+
+
+def test_totals_accounting_and_failure_threshold() -> None:
+    totals = RunTotals()
+    totals.add(_entry(_part("/a"), rows_in=90, rows_scored=90, score_counts=[90] + [0] * 9))
+    totals.add(
+        _entry(_part("/b"), status="quarantined", rows_in=10, rows_scored=0, rows_quarantined=10,
+               reason="/b: column 'amount': missing")
+    )  # fmt: skip
+    assert (totals.rows_in, totals.rows_scored, totals.rows_quarantined) == (100, 90, 10)
+    assert totals.accounting_holds and totals.files == 2
+    assert quarantined_fraction(totals) == pytest.approx(0.1)
+    assert failure_reason(totals, 0.2) is None
+    assert "10.00%" in (failure_reason(totals, 0.05) or "")
+    assert RunTotals.from_json(totals.to_json()).to_json() == totals.to_json()
+    with pytest.raises(ScoringError, match="does not add up"):
+        totals.add(_entry(_part("/c"), rows_in=5, rows_scored=4))
+    only_unreadable = RunTotals()
+    only_unreadable.add(
+        _entry(_part("/d"), status="quarantined", rows_in=0, rows_scored=0, reason="unreadable")
+    )
+    assert quarantined_fraction(only_unreadable) == 1.0
+    assert quarantined_fraction(RunTotals()) == 0.0
+
+
+def test_summary_table_and_report(tmp_path: Path) -> None:
+    from tasks.spec import Histogram
+
+    totals = RunTotals()
+    totals.add(
+        _entry(_part("/a"), rows_in=4, rows_scored=4, positives=1, score_counts=[3] + [0] * 8 + [1],
+               drift_counts={"amount": [1, 3]})
+    )  # fmt: skip
+    summary = run_summary(
+        run_id="r1", input_path="/in", output_dir=str(tmp_path), model={"name": "m", "version": 2},
+        scorer="xgboost", device="cpu", workers=2, totals=totals, files_total=3, files_skipped=2,
+        seconds_scoring=2.0, seconds_total=3.0,
+        histograms={"amount": Histogram(edges=[0.0], fractions=[0.5, 0.5])}, max_fraction=0.05,
+    )  # fmt: skip
+    assert summary["rows"] == {"in": 4, "scored": 4, "quarantined": 0}
+    assert summary["rows_per_second"] == 2.0
+    assert summary["drift_psi"]["amount"] > 0 and not summary["failed"]
+    table = {r["metric"]: r["value"] for r in summary_table(summary)}
+    assert table["rows scored"] == 4 and table["score [0.9, 1.0)"] == 1
+    assert "| amount |" in summary_markdown(summary)
+    path = write_run_summary(tmp_path, summary)
+    assert path.is_file() and (tmp_path / MANIFEST_DIR / LAST_RUN_FILE).is_file()
+
+
+# ---------------------------------------------------------------- inputs, manifest, lock
+
+
+def test_discover_inputs(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert discover_partitions(str(empty)) == []
+    assert discover_partitions(str(tmp_path / "nothing-*.parquet")) == []
+    with pytest.raises(DataError, match="no such file"):
+        discover_partitions(str(tmp_path / "missing"))
+    data = tmp_path / "data"
+    data.mkdir()
+    pd.DataFrame({"a": [1]}).to_parquet(data / "b.parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(data / "a.parquet")
+    pd.DataFrame({"a": [1]}).to_parquet(data / ".hidden.parquet")
+    (data / "README.txt").write_text("not a table")
+    found = discover_partitions(str(data))
+    assert [Path(p.path).name for p in found] == ["a.parquet", "b.parquet"]
+    (data / "preds").mkdir()
+    pd.DataFrame({"a": [1]}).to_parquet(data / "preds" / "x.parquet")
+    globbed = discover_partitions(str(data / "*" / "*.parquet"), output_dir=str(data / "preds"))
+    assert globbed == []
+    before = found[0].fingerprint
+    os.utime(data / "a.parquet", ns=(1, 1))
+    assert partition_of(data / "a.parquet").fingerprint != before
+
+
+def test_manifest_roundtrip_and_sweep(tmp_path: Path) -> None:
+    part = _part(str(tmp_path / "in.parquet"))
+    kept = output_file_name(part, "m", 2)
+    old = output_file_name(part, "m", 1)
+    for name in (kept, old, ".x.parquet.tmp-1234", "notes.parquet"):
+        (tmp_path / name).write_bytes(b"x")
+    write_entry(tmp_path, _entry(part, version=2, output=kept))
+    assert read_entry(tmp_path, part.path) == _entry(part, version=2, output=kept)
+    assert read_manifest(tmp_path, [part.path, "/nope"]) == {
+        part.path: read_entry(tmp_path, part.path)
+    }
+    (tmp_path / MANIFEST_DIR / entry_file_name("/broken")).write_text("{not json")
+    assert read_entry(tmp_path, "/broken") is None
+    assert sweep_outputs(tmp_path) == sorted([old, ".x.parquet.tmp-1234"])
+    assert sorted(p.name for p in tmp_path.glob("*.parquet")) == sorted([kept, "notes.parquet"])
+
+
+def test_output_lock_is_exclusive(tmp_path: Path) -> None:
+    with output_lock(tmp_path), pytest.raises(RuntimeError, match="another batch scoring run"):  # noqa: SIM117
+        with output_lock(tmp_path):
+            pass
+    with output_lock(tmp_path):
+        pass
+
+
+# ---------------------------------------------------------------- the worker pipeline
+
+
+def test_every_row_once_with_the_in_process_score(
+    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 3)
+    out = tmp_path / "out"
+    entries = score(make_job(bundle_dir, out), parts)
+    assert [e.status for e in entries] == ["scored"] * 3
+    assert sum(e.rows_scored for e in entries) == len(base_frame)
+    got = outputs(out)
+    assert got["transaction_id"].is_unique
+    assert set(got["transaction_id"]) == set(base_frame["transaction_id"])
+    want = expected_scores(bundle, base_frame).loc[got["transaction_id"]].to_numpy()
+    np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=0, atol=1e-7)
+    np.testing.assert_array_equal(got["label"], (got["score"] >= bundle.threshold).astype(np.int8))
+    assert set(got["model_name"]) == {"fraud-xgb"} and set(got["model_version"]) == {1}
+    assert list(got.columns) == ["transaction_id", "score", "label", "model_name", "model_version"]
+    for entry, part in zip(entries, parts, strict=True):
+        assert entry.output == output_file_name(part, "fraud-xgb", 1)
+        assert read_entry(out, part.path) == entry
+        assert sum(entry.score_counts) == entry.rows_scored
+        assert all(sum(c) == entry.rows_scored for c in entry.drift_counts.values())
+    assert hidden_files(out) == []
+
+
+def test_large_file_is_streamed_in_chunks_with_the_same_result(
+    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    frame = base_frame.iloc[:2000]
+    (part,) = write_parts(frame, tmp_path / "in", 1, row_group_size=500)
+    out = tmp_path / "out"
+    (entry,) = score(make_job(bundle_dir, out, partition_rows=700), [part])
+    assert entry.status == "scored" and entry.rows_scored == 2000
+    assert pq.ParquetFile(out / str(entry.output)).metadata.num_row_groups == math.ceil(2000 / 700)
+    got = outputs(out)
+    np.testing.assert_array_equal(got["transaction_id"], frame["transaction_id"])
+    np.testing.assert_allclose(
+        got["score"], expected_scores(bundle, frame).to_numpy(), rtol=0, atol=1e-7
+    )
+
+
+def _bad(kind: str, frame: pd.DataFrame, path: Path) -> str:
+    """Write one kind of bad partition; return the expected reason fragment."""
+    bad = frame.copy()
+    if kind == "unreadable":
+        path.write_bytes(b"PAR1 this is not a parquet file")
+        return "unreadable parquet"
+    if kind == "missing column":
+        bad = bad.drop(columns=["amount"])
+        reason = "column 'amount': missing"
+    elif kind == "mistyped column":
+        bad["amount"] = bad["amount"].astype(str)
+        reason = "column 'amount': expected a numeric type"
+    elif kind == "all-null id":
+        bad["transaction_id"] = np.nan
+        reason = "all ids are null"
+    else:
+        bad.loc[bad.index[1], "transaction_id"] = bad["transaction_id"].iloc[0]
+        reason = "duplicate ids"
+    bad.to_parquet(path, index=False, row_group_size=300)
+    return reason
+
+
+@pytest.mark.parametrize(
+    "kind", ["unreadable", "missing column", "mistyped column", "all-null id", "duplicate ids"]
+)
+@pytest.mark.parametrize("partition_rows", [1_000_000, 400])
+def test_bad_partitions_are_quarantined_with_reason(
+    kind: str, partition_rows: int, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    good, bad = base_frame.iloc[:1000], base_frame.iloc[1000:2000]
+    (good_part,) = write_parts(good, tmp_path / "in", 1)
+    bad_path = tmp_path / "in" / "bad.parquet"
+    reason = _bad(kind, bad, bad_path)
+    out = tmp_path / "out"
+    job = make_job(bundle_dir, out, partition_rows=partition_rows)
+    entries = {e.input: e for e in score(job, [partition_of(bad_path), good_part])}
+    quarantined = entries[str(bad_path.resolve())]
+    assert quarantined.status == "quarantined"
+    assert reason in str(quarantined.reason)
+    rows = 0 if kind == "unreadable" else 1000
+    assert (quarantined.rows_in, quarantined.rows_quarantined, quarantined.rows_scored) == (
+        rows,
+        rows,
+        0,
+    )
+    assert quarantined.output is None
+    assert entries[good_part.path].status == "scored"
+    totals = RunTotals()
+    for e in entries.values():
+        totals.add(e)
+    assert totals.accounting_holds and totals.rows_scored == 1000
+    assert len(outputs(out)) == 1000 and hidden_files(out) == []
+
+
+def test_bad_values_are_scored_the_way_training_defined(
+    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    frame = base_frame.iloc[:500].copy()
+    frame.loc[frame.index[0:5], "amount"] = np.nan
+    frame.loc[frame.index[5:10], "amount"] = np.inf
+    frame.loc[frame.index[10:15], "amount"] = -np.inf
+    frame.loc[frame.index[15:20], "channel"] = "telepathy"
+    frame.loc[frame.index[20:25], "channel"] = None
+    frame.loc[frame.index[25:30], "mcc"] = 9999
+    frame.loc[frame.index[30:35], "country"] = "XX"
+    frame.loc[frame.index[35:40], "card_id"] = 10**12
+    frame.loc[frame.index[40:45], "timestamp"] = pd.NaT
+    frame.loc[frame.index[45:50], "customer_age"] = np.nan
+    (part,) = write_parts(frame, tmp_path / "in", 1)
+    out = tmp_path / "out"
+    (entry,) = score(make_job(bundle_dir, out), [part])
+    assert entry.status == "scored" and entry.rows_scored == 500
+    got = outputs(out)
+    assert np.isfinite(got["score"]).all()
+    want = expected_scores(bundle, pd.read_parquet(part.path)).to_numpy()
+    np.testing.assert_allclose(got["score"], want, rtol=0, atol=1e-7)
+
+
+def test_csv_partitions_score_like_parquet(
+    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    frame = base_frame.iloc[:300]
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "p.csv"
+    frame.to_csv(path, index=False)
+    (entry,) = score(make_job(bundle_dir, tmp_path / "out"), [partition_of(path)])
+    assert entry.status == "scored"
+    np.testing.assert_allclose(
+        outputs(tmp_path / "out")["score"], expected_scores(bundle, frame).to_numpy(), atol=1e-6
+    )
+
+
+def test_empty_partition_is_scored_with_an_empty_output(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    (part,) = write_parts(base_frame.iloc[:0], tmp_path / "in", 1)
+    (entry,) = score(make_job(bundle_dir, tmp_path / "out"), [part])
+    assert (entry.status, entry.rows_in, entry.rows_scored) == ("scored", 0, 0)
+    assert len(pd.read_parquet(tmp_path / "out" / str(entry.output))) == 0
+
+
+def test_resume_keeps_committed_files_and_redoes_uncommitted_ones(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 3)
+    out = tmp_path / "out"
+    job = make_job(bundle_dir, out)
+    first = score(job, parts)
+    # a crash after the rename of file 0 but before its manifest entry
+    (out / MANIFEST_DIR / entry_file_name(parts[0].path)).unlink()
+    again = score(job, parts)
+    assert again[1:] == first[1:]  # committed: returned from the manifest, not rescored
+    assert again[0].output == first[0].output and again[0].finished_at >= first[0].finished_at
+    assert len(list(out.glob("*.parquet"))) == 3
+    got = outputs(out)
+    assert got["transaction_id"].is_unique and len(got) == len(base_frame)
+
+
+def test_new_model_version_replaces_the_previous_output(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 2)
+    out = tmp_path / "out"
+    score(make_job(bundle_dir, out, model_version=1), parts)
+    entries = score(make_job(bundle_dir, out, model_version=2), parts)
+    assert all(e.model_version == 2 for e in entries)
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(str(e.output) for e in entries)
+    got = outputs(out)
+    assert set(got["model_version"]) == {2} and len(got) == len(base_frame)
+
+
+class _FailingEngine:
+    """Delegates to a real engine but fails scoring on the n-th chunk."""
+
+    def __init__(self, engine: Any, fail_on: int) -> None:
+        self.engine = engine
+        self.fail_on = fail_on
+        self.calls = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def score(self, frame: Any) -> Any:
+        self.calls += 1
+        if self.calls == self.fail_on:
+            raise ValueError("could not convert string to float: 'abc'")
+        return self.engine.score(frame)
+
+
+def test_a_chunk_that_cannot_be_scored_quarantines_the_whole_file(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame.iloc[:3000], tmp_path / "in", 2)
+    out = tmp_path / "out"
+    job = make_job(bundle_dir, out, partition_rows=500)
+    engine = _FailingEngine(load_engine(job, threads=1), fail_on=2)
+    first, second = score_partitions(engine, job, parts)  # type: ignore[arg-type]
+    assert first.status == "quarantined" and "ValueError" in str(first.reason)
+    assert first.rows_quarantined == 1500
+    assert second.status == "scored" and second.rows_scored == 1500
+    assert [p.name for p in out.glob("*.parquet")] == [second.output]
+    assert hidden_files(out) == []
+
+
+# ---------------------------------------------------------------- the device transform's logic
+
+
+def test_device_transform_logic_matches_numpy_features_on_host(
+    bundle: LoadedBundle, base_frame: pd.DataFrame
+) -> None:
+    """gpu_features run with pandas + NumPy must compute what numpy_features computes."""
+    from tasks.gpu_features import DeviceTransform
+
+    frame = base_frame.iloc[:1000].copy()
+    frame.loc[frame.index[:10], "amount"] = np.nan
+    frame.loc[frame.index[10:20], "channel"] = None
+    frame.loc[frame.index[20:30], "channel"] = "telepathy"
+    frame.loc[frame.index[30:40], "card_id"] = 10**12
+    frame.loc[frame.index[40:50], "timestamp"] = pd.NaT
+    frame.loc[frame.index[50:60], "mcc"] = 9999
+    transform = DeviceTransform(bundle.spec_dict, bundle.lookups, np)
+    got = transform.matrix(frame)
+    want = bundle.features(frame_to_raw(frame, bundle.spec.raw_columns))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert transform.raw_columns == bundle.spec.raw_columns
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+def test_gpu_engine_matches_cpu_engine(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 2, row_group_size=1000)
+    cpu = score(make_job(bundle_dir, tmp_path / "cpu"), parts)
+    gpu_job = make_job(bundle_dir, tmp_path / "gpu", device="gpu", partition_rows=1500)
+    gpu = score_partitions(load_engine(gpu_job, threads=1), gpu_job, parts)
+    assert [e.rows_scored for e in gpu] == [e.rows_scored for e in cpu]
+    a, b = outputs(tmp_path / "cpu"), outputs(tmp_path / "gpu")
+    np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    for ec, eg in zip(cpu, gpu, strict=True):
+        assert (
+            ec.score_counts == eg.score_counts
+            or np.abs(np.subtract(ec.score_counts, eg.score_counts)).sum() <= 2
+        )
