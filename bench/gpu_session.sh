@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh pipeline   # ETL + training, GPU vs 16-core CPU, same data, same run
 #   bash bench/gpu_session.sh scoring    # 20M-row batch scoring, flow vs naive loop, GPU
 #   bash bench/gpu_session.sh run        # the whole training pipeline (gpupipe run) on GPU
+#   bash bench/gpu_session.sh multigpu   # 1 vs 2 GPUs: xgboost.dask training and batch scoring
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -38,8 +39,8 @@ import prefect, mlflow, onnxruntime
 for m in (cudf, dask, dask_cuda, xgboost, cupy, torch, triton, pandas, pyarrow, numba, prefect, mlflow, onnxruntime):
     print(m.__name__, m.__version__)
 print('gpus', cupy.cuda.runtime.getDeviceCount())"
-    part gpu_tests $py -m pytest -q -x -p no:cacheprovider "${warn[@]}" -m gpu \
-      tests/unit/test_kernels.py tests/unit/test_gpu_path.py
+    part debug_etl $py bench/debug_gpu_etl.py
+    part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
     part cpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" tests/unit
     part bench_kernels $py bench/bench_kernels.py --out "$out/bench_kernels.json"
     ;;
@@ -49,8 +50,17 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --out "$out/bench_pipeline.json"
     ;;
   scoring)
-    part bench_scoring $py bench/bench_scoring.py --rows "$rows" --device gpu \
-      --out "$out/bench_scoring.json"
+    part bench_scoring $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" --device gpu \
+      --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring.json"
+    ;;
+  multigpu)
+    part bench_multigpu_train $py bench/bench_multigpu.py --rows "$rows" --gpus 1,2 \
+      --out "$out/bench_multigpu_train.json"
+    for n in 1 2; do
+      part "bench_scoring_${n}gpu" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
+        --device gpu --workers "$n" --no-warm --work /tmp/gpupipe-bench-scoring \
+        --out "$out/bench_scoring_${n}gpu.json"
+    done
     ;;
   run)
     part gpupipe_run $py -m flows.cli run --device gpu --rows "${RUN_ROWS:-2000000}" \
