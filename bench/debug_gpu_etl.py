@@ -25,7 +25,7 @@ def stages(device: str, raw: Path, home: Path) -> dict[str, pd.DataFrame]:
     roles = etl.column_roles(cfg)
     with dask.config.set({"dataframe.backend": backend.dataframe_backend}):
         ddf = etl.read_raw(files, cfg, roles, backend)
-        cuts = etl.time_cuts(ddf, "timestamp", 0.15, 0.15, 42)
+        cuts = etl.time_cuts(ddf, "timestamp", "transaction_id", 0.15, 0.15, 42)
         split = ddf.map_partitions(
             etl.assign_split,
             target="is_fraud",
