@@ -550,3 +550,30 @@ def test_gpu_engine_matches_cpu_engine(
             ec.score_counts == eg.score_counts
             or np.abs(np.subtract(ec.score_counts, eg.score_counts)).sum() <= 2
         )
+
+
+# ---------------------------------------------------------------- cluster helpers
+
+
+def test_cluster_address_and_worker_cache() -> None:
+    from tasks import cluster
+    from tasks.config import ClusterConfig
+
+    assert cluster.cluster_address("local", ClusterConfig()) is None
+    assert cluster.cluster_address("", ClusterConfig(address="tcp://cfg:8786")) == "tcp://cfg:8786"
+    assert cluster.cluster_address(" tcp://h:8786 ", ClusterConfig()) == "tcp://h:8786"
+    cluster.clear_cache()
+    built: list[int] = []
+
+    def factory(i: int) -> Any:
+        built.append(i)
+        return object()
+
+    first = cluster.worker_cached(("k", 0), lambda: factory(0))
+    assert cluster.worker_cached(("k", 0), lambda: factory(0)) is first
+    for i in range(1, cluster.CACHE_SIZE + 1):
+        cluster.worker_cached(("k", i), lambda i=i: factory(i))
+    assert cluster.worker_cached(("k", 0), lambda: factory(0)) is not first  # evicted (LRU)
+    assert built == [0, *range(1, cluster.CACHE_SIZE + 1), 0]
+    assert cluster.cache_loads()[repr(("k", 0))] == 2
+    cluster.clear_cache()
