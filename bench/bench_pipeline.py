@@ -94,8 +94,9 @@ def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace
     spec, _ = load_transform(etl.transform_dir)
     fit_args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, backend)
     xgb, t_xgb = timed(train_xgboost, *fit_args, home / "xgb", 0)
+    etl_stages = json.loads((etl.root / "etl.json").read_text()).get("stage_seconds", {})
     stages = {
-        "etl": {"seconds": t_etl, "rows": args.rows},
+        "etl": {"seconds": t_etl, "rows": args.rows, "etl_stage_seconds": etl_stages},
         "train_xgboost": {"seconds": t_xgb, "rows": etl.rows["train"], "metrics": xgb.metrics},
     }
     if args.mlp_epochs:
@@ -182,6 +183,8 @@ def main() -> None:
             m = s.get("metrics", {})
             extra = f"ROC AUC {m['roc_auc']:.4f}" if m else ""
             print(f"{device:6} {stage:14} {s['seconds']:9.2f} {s['rows_per_s']:14,.0f}  {extra}")
+    for device, d in devs.items():
+        print(device, "ETL stages (s):", d["stages"]["etl"].get("etl_stage_seconds"))
     if "gpu_over_cpu" in report:
         print("GPU speed-up:", {k: round(v, 1) for k, v in report["gpu_over_cpu"].items()})
         print("features parity:", report["features_parity"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,7 +112,7 @@ def etl_fingerprint(files: Sequence[Path], cfg: PipelineConfig, backend: Backend
             "features": cfg.features.model_dump(),
             "split": cfg.split.model_dump(),
             "backend": backend.device,
-            "version": 2,  # bump when the ETL output changes for the same inputs
+            "version": 3,  # bump when the ETL output changes for the same inputs
         },
         sort_keys=True,
     )
@@ -299,6 +300,14 @@ def fit_categorical(
     )
 
 
+def nans_to_nulls(part: Any, column: str) -> Any:
+    """cuDF reads parquet NaN as a value, not a null, and its groupby mean/std then return NaN
+    where pandas skips it; turning NaN into null makes both backends skip missing values."""
+    if is_cudf(part):
+        return part.assign(**{column: part[column].nans_to_nulls()})
+    return part
+
+
 def fit_entity(
     train: dd.DataFrame, key: str, value: str, target: str, prior: float, smoothing: float
 ) -> tuple[EntityTable, dict[str, npt.NDArray[Any]], npt.NDArray[np.float64]]:
@@ -451,20 +460,33 @@ def matrix_partition(part: Any, *, spec: Mapping[str, Any], keep: Sequence[str])
     return out
 
 
+def array_module(frame: Any) -> Any:
+    """CuPy for a cuDF frame, NumPy otherwise: statistics run where the data is."""
+    if is_cudf(frame):
+        import cupy
+
+        return cupy
+    return np
+
+
 def fit_numeric(
-    sample: pd.DataFrame, names: Sequence[str], clip_q: tuple[float, float]
+    sample: Any, names: Sequence[str], clip_q: tuple[float, float]
 ) -> list[NumericFeature]:
-    """Imputation (median), clip bounds (quantiles) and scaling (mean/std after impute+clip)."""
+    """Imputation (median), clip bounds (quantiles) and scaling (mean/std after impute+clip).
+
+    `sample` is a pandas or cuDF frame; on cuDF the statistics are computed on the GPU.
+    """
+    xp = array_module(sample)
     feats = []
     for name in names:
-        x = sample[name].to_numpy(np.float64)
-        finite = x[np.isfinite(x)]
+        x = column_values(sample[name], np.float64, np.nan)
+        finite = x[xp.isfinite(x)]
         if finite.size == 0:
             fill, lo, hi = 0.0, 0.0, 0.0
         else:
-            fill = float(np.median(finite))
-            lo, hi = (float(v) for v in np.quantile(finite, clip_q))
-        filled = np.clip(np.where(np.isnan(x), fill, x), lo, hi)
+            fill = float(xp.median(finite))
+            lo, hi = (float(v) for v in xp.quantile(finite, xp.asarray(clip_q)))
+        filled = xp.clip(xp.where(xp.isnan(x), fill, x), lo, hi)
         std = float(filled.std()) if filled.size else 0.0
         feats.append(
             NumericFeature(
@@ -479,20 +501,21 @@ def fit_numeric(
     return feats
 
 
-def histograms(
-    matrix: npt.NDArray[np.float32], names: Sequence[str], bins: int
-) -> dict[str, Histogram]:
-    """Decile-style bins of each model input on training rows, for the stability index."""
+def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histogram]:
+    """Decile-style bins of each model input on training rows, for the stability index.
+
+    `matrix` is a NumPy or CuPy (n, features) array; the counting runs where it lives.
+    """
+    xp = np if isinstance(matrix, np.ndarray) else __import__("cupy")
     out = {}
+    probs = xp.asarray(np.linspace(0, 1, bins + 1)[1:-1])
     for j, name in enumerate(names):
-        x = matrix[:, j].astype(np.float64)
-        edges = (
-            np.unique(np.quantile(x, np.linspace(0, 1, bins + 1)[1:-1])) if x.size else np.array([])
-        )
-        counts = np.bincount(np.searchsorted(edges, x, side="right"), minlength=edges.size + 1)
+        x = matrix[:, j].astype(xp.float64)
+        edges = xp.unique(xp.quantile(x, probs)) if x.size else xp.zeros(0)
+        counts = xp.bincount(xp.searchsorted(edges, x, side="right"), minlength=edges.size + 1)
         out[name] = Histogram(
-            edges=[float(e) for e in edges],
-            fractions=[float(c) / max(x.size, 1) for c in counts],
+            edges=[float(e) for e in _host(edges)],
+            fractions=[float(c) / max(x.size, 1) for c in _host(counts)],
         )
     return out
 
@@ -545,6 +568,27 @@ def run_etl(
     return EtlOutput.load(root)
 
 
+class StageClock:
+    """Reports each stage as it starts and keeps how long each took (for etl.json and benches)."""
+
+    def __init__(self, progress: Callable[[str], None]) -> None:
+        self.progress = progress
+        self.seconds: dict[str, float] = {}
+        self._current: tuple[str, float] | None = None
+
+    def __call__(self, stage: str) -> None:
+        self.finish()
+        self.progress(stage)
+        self._current = (stage, time.perf_counter())
+
+    def finish(self) -> dict[str, float]:
+        if self._current is not None:
+            name, start = self._current
+            self.seconds[name] = round(time.perf_counter() - start, 4)
+            self._current = None
+        return dict(self.seconds)
+
+
 def _run_etl(
     cfg: PipelineConfig,
     backend: Backend,
@@ -555,8 +599,10 @@ def _run_etl(
     progress: Callable[[str], None],
 ) -> EtlOutput:
     d, fcfg, s = cfg.data, cfg.features, cfg.split
+    clock = StageClock(progress)
+    clock("reading")
     raw = read_raw(files, cfg, roles, backend)
-    progress("splitting")
+    clock("splitting")
     cuts = (
         time_cuts(raw, d.timestamp, d.id, s.valid_fraction, s.test_fraction, s.seed)
         if d.timestamp
@@ -581,7 +627,7 @@ def _run_etl(
     if prior in (0.0, 1.0):
         raise DataError(f"{d.source}: column {d.target!r}: the training split has a single class")
 
-    progress("fitting entity statistics and category encodings")
+    clock("fitting entity statistics and category encodings")
     entities, lookups, oof = [], {}, {}
     for e in fcfg.entities:
         table, lookup, rates = fit_entity(
@@ -620,21 +666,23 @@ def _run_etl(
     meta = derived_partition(raw._meta, **part_args)
     derived = raw.map_partitions(derived_partition, **part_args, meta=meta).persist()
 
-    progress("fitting numeric imputation, clipping and scaling")
+    clock("fitting numeric imputation, clipping and scaling")
     train_derived = derived[derived[SPLIT_COLUMN] == 0]
     sample = hash_sample(train_derived, d.id, n_train, STATS_SAMPLE_ROWS, s.seed)
-    sample_pd = _to_pandas(sample.compute())
-    numeric = fit_numeric(sample_pd, numeric_names, fcfg.clip_quantiles)
+    sample_frame = sample.compute()
+    numeric = fit_numeric(sample_frame, numeric_names, fcfg.clip_quantiles)
     spec = draft.model_copy(update={"numeric": numeric})
     names = spec.feature_names
-    sample_matrix = matrix_partition(sample_pd, spec=spec.model_dump(), keep=[])[names].to_numpy()
+    sample_matrix = _frame_matrix(
+        matrix_partition(sample_frame, spec=spec.model_dump(), keep=[]), names
+    )
     spec = spec.model_copy(
         update={"histograms": histograms(sample_matrix, names, fcfg.histogram_bins)}
     )
     spec = TransformSpec.model_validate(spec.model_dump())
     save_transform(spec, lookups, root / "transform")
 
-    progress("writing feature parquet")
+    clock("writing feature parquet")
     matrix_meta = matrix_partition(meta, spec=spec.model_dump(), keep=keep)
     matrix = derived.map_partitions(
         matrix_partition, spec=spec.model_dump(), keep=keep, meta=matrix_meta
@@ -648,8 +696,18 @@ def _run_etl(
     raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
     raw_test.to_parquet(str(root / "raw_test"), write_index=False)
     out = EtlOutput(root, fingerprint, backend.device, rows)
-    (root / "etl.json").write_text(json.dumps({**out.to_json(), "root": None}, indent=2))
+    timings = clock.finish()
+    (root / "etl.json").write_text(
+        json.dumps({**out.to_json(), "root": None, "stage_seconds": timings}, indent=2)
+    )
     return out
+
+
+def _frame_matrix(frame: Any, names: Sequence[str]) -> Any:
+    """Columns of a pandas (-> NumPy) or cuDF (-> CuPy) frame as one float32 matrix."""
+    if is_cudf(frame):
+        return frame[list(names)].to_cupy(dtype="float32")
+    return frame[list(names)].to_numpy(np.float32)
 
 
 def _to_pandas(obj: Any) -> Any:

@@ -109,16 +109,26 @@ def entity_feature_columns(
 
 
 def category_codes(values: npt.NDArray[Any], vocabulary: Sequence[Any]) -> npt.NDArray[np.int32]:
-    """Index of each value in the (sorted) vocabulary; -1 for unseen or missing."""
+    """Index of each value in the (sorted) vocabulary; -1 for unseen or missing.
+
+    Integer vocabularies compare numerically (a float column with NaN still matches); string
+    vocabularies compare as str, looking up each distinct value once rather than every row.
+    """
     vocab = np.asarray(vocabulary)
-    if vocab.size and vocab.dtype.kind in "iu":
-        vals = np.asarray(values)
-        if vals.dtype.kind == "f":
-            present = ~np.isnan(vals)
-            vals = np.where(present, vals, vocab[0]).astype(np.int64)
-            pos = lookup_positions(vocab, vals)
-            return np.where(present, pos, -1).astype(np.int32)
-    return lookup_positions(vocab, np.asarray(values, dtype=object)).astype(np.int32)
+    vals = np.asarray(values)
+    if vocab.size and vocab.dtype.kind in "iu" and vals.dtype.kind in "iuf":
+        present = ~np.isnan(vals) if vals.dtype.kind == "f" else np.ones(vals.shape, bool)
+        ints = np.where(present, vals, vocab[0]).astype(np.int64)
+        pos = lookup_positions(vocab.astype(np.int64), ints)
+        return np.where(present, pos, -1).astype(np.int32)
+    if vals.size == 0:
+        return np.zeros(vals.shape, np.int32)
+    obj = vals.astype(object) if vals.dtype.kind != "O" else vals
+    present = np.fromiter((_is_present(v) for v in obj.ravel()), bool, obj.size).reshape(obj.shape)
+    text = np.where(present, obj, "").astype(str)
+    uniques, inverse = np.unique(text, return_inverse=True)
+    codes = lookup_positions(vocab.astype(str), uniques)[inverse.reshape(text.shape)]
+    return np.where(present, codes, -1).astype(np.int32)
 
 
 def feature_columns(

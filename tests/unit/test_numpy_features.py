@@ -59,3 +59,13 @@ def test_unseen_entity_gets_prior_and_zero_count() -> None:
     assert out["card__count"].tolist() == [7.0, 0.0]
     assert out["card__target_rate"].tolist() == pytest.approx([0.01, 0.05])
     assert out["card__amount_z"].tolist() == pytest.approx([2.0, 2.0])
+
+
+def test_integer_categories_of_different_widths() -> None:
+    # compared as numbers: "10" < "7" as text, which once mis-coded these
+    assert category_codes(np.array([7, 10, 99, 10, 5]), [7, 10, 99]).tolist() == [0, 1, 2, 1, -1]
+    assert category_codes(np.array(["10", "7", None], dtype=object), ["10", "7"]).tolist() == [
+        0,
+        1,
+        -1,
+    ]
