@@ -49,6 +49,13 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --cpu-workers "${CPU_WORKERS:-16}" --trees 200 --depth 8 --mlp-epochs 1 \
       --out "$out/bench_pipeline.json"
     ;;
+  profile)
+    part profile_gpu_scoring $py bench/profile_gpu_scoring.py --work /tmp/gpupipe-bench-scoring \
+      --out "$out/profile_gpu_scoring.json"
+    ;;
+  tests)
+    part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
+    ;;
   scoring)
     part bench_scoring $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" --device gpu \
       --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring.json"
