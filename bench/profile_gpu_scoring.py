@@ -78,8 +78,8 @@ def main() -> None:
         probs = step("predict", lambda m: cupy.asarray(booster.inplace_predict(m)), matrix)
         table = step(
             "build_output",
-            lambda: cudf.DataFrame(
-                {"id": frame[bundle.spec.id_column], "score": probs.reshape(-1)}
+            lambda fr=frame, pr=probs: cudf.DataFrame(
+                {"id": fr[bundle.spec.id_column], "score": pr.reshape(-1)}
             ),
         )
         step("write_parquet", table.to_parquet, f"/tmp/profile-out-{i}.parquet", index=False)
