@@ -124,12 +124,20 @@ def _local_cuda_cluster(cfg: ClusterConfig) -> Iterator[Any]:
         "pre_import": ["cudf", "cupy", "xgboost"],
     }
     if cfg.n_workers is not None:
-        kwargs["n_workers"] = cfg.n_workers
+        # one worker per GPU at most: a CPU-sized worker count must not ask for absent GPUs
+        kwargs["n_workers"] = min(cfg.n_workers, visible_gpus())
     if cfg.device_memory_limit is not None:
         kwargs["device_memory_limit"] = cfg.device_memory_limit
     log.info("dask: LocalCUDACluster (one worker per GPU) %s", kwargs)
     with LocalCUDACluster(**kwargs) as cluster:
         yield cluster
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process can see (CUDA_VISIBLE_DEVICES applied)."""
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
 
 
 def worker_count(client: Client) -> int:
