@@ -68,12 +68,31 @@ def main() -> None:
     train_g = b[b["__split"] == 0].amount
     print("train amount median cpu", train_c.median(), "gpu", train_g.median())
     cfg = builtin_config(raw, tmp / "h")
+    specs, lookups = {}, {}
     for dev in ("cpu", "gpu"):
         out = etl.run_etl(cfg, resolve_backend(dev), tmp / f"etl-{dev}")
-        spec, _ = etl.load_transform(out.transform_dir)
-        print(dev, spec.numeric[0])
-        f = pd.read_parquet(out.features_dir("train"))
-        print(dev, "train rows", len(f), "ids", f.transaction_id.min(), f.transaction_id.max())
+        specs[dev], lookups[dev] = etl.load_transform(out.transform_dir)
+    for fc, fg in zip(specs["cpu"].numeric, specs["gpu"].numeric, strict=True):
+        a = np.array([fc.fill, fc.lo, fc.hi, fc.mean, fc.std])
+        b = np.array([fg.fill, fg.lo, fg.hi, fg.mean, fg.std])
+        flag = "" if np.allclose(a, b, rtol=1e-6) else "   <-- differs"
+        print(f"{fc.name:28} cpu {np.round(a, 4)} gpu {np.round(b, 4)}{flag}")
+    for key, lc in lookups["cpu"].items():
+        lg = lookups["gpu"][key]
+        print(
+            key, "keys equal", np.array_equal(lc["key"], lg["key"]), len(lc["key"]), len(lg["key"])
+        )
+        for stat in ("count", "mean", "std", "target_rate"):
+            if len(lc[stat]) == len(lg[stat]):
+                d = np.abs(lc[stat] - lg[stat])
+                print(
+                    f"  {stat:12} max diff {np.nanmax(d):.3g} nan cpu {np.isnan(lc[stat]).sum()} gpu {np.isnan(lg[stat]).sum()}"
+                )
+        print(
+            "  prior",
+            next(e for e in specs["cpu"].entities if e.key == key).prior_mean,
+            next(e for e in specs["gpu"].entities if e.key == key).prior_mean,
+        )
 
 
 if __name__ == "__main__":
