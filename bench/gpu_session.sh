@@ -61,6 +61,7 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring.json"
     ;;
   multigpu)
+    CUDA_VISIBLE_DEVICES=0 part debug_etl $py bench/debug_gpu_etl.py
     part bench_multigpu_train $py bench/bench_multigpu.py --rows "$rows" --gpus 1,2 \
       --out "$out/bench_multigpu_train.json"
     for n in 1 2; do
