@@ -64,6 +64,8 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     CUDA_VISIBLE_DEVICES=0 part debug_etl $py bench/debug_gpu_etl.py
     part bench_multigpu_train $py bench/bench_multigpu.py --rows "$rows" --gpus 1,2 \
       --out "$out/bench_multigpu_train.json"
+    ;;
+  multigpu_scoring)
     for n in 1 2; do
       part "bench_scoring_${n}gpu" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
         --device gpu --workers "$n" --no-warm --work /tmp/gpupipe-bench-scoring \
