@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -323,12 +324,19 @@ def fused_preprocess(
     else:
         launch = kernels["tuned"][lambda m: (triton_cdiv(n, m["BLOCK_N"]),)]
         extra = {}
-    if device.type == "cuda":
-        with torch.cuda.device(device):
+    # Triton's autotuner keeps unguarded per-key state: dask's threaded scheduler calling this
+    # from several threads raced inside it on a 2-GPU host. Tuning happens once per size bucket,
+    # and a launch is microseconds, so one lock costs nothing measurable.
+    with _LAUNCH_LOCK:
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                launch(*args, **meta, **extra)
+        else:
             launch(*args, **meta, **extra)
-    else:
-        launch(*args, **meta, **extra)
     return out
+
+
+_LAUNCH_LOCK = threading.Lock()
 
 
 def triton_cdiv(a: int, b: int) -> int:

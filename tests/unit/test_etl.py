@@ -50,6 +50,9 @@ def test_entity_statistics_use_training_rows_only(etl: tuple[EtlOutput, Path]) -
     got = pd.Series(card["mean"], index=card["key"])
     has_amount = expected.dropna().index
     np.testing.assert_allclose(got[has_amount], expected[has_amount], rtol=1e-9)
+    expected_std = train.groupby("card_id").amount.std().dropna()
+    got_std = pd.Series(card["std"], index=card["key"])
+    np.testing.assert_allclose(got_std[expected_std.index], expected_std, rtol=1e-6)
     assert spec.train_rows == len(train)
     assert spec.train_positive_rate == pytest.approx(train.is_fraud.mean())
 
