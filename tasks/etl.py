@@ -175,9 +175,11 @@ def assign_split(
     valid_fraction: float,
     test_fraction: float,
     seed: int,
+    id_col: str | None = None,
     partition_info: dict[str, Any] | None = None,
 ) -> pd.DataFrame:
-    """Label each row 0 train / 1 valid / 2 test, and give it a random target-encoding fold.
+    """Label each row 0 train / 1 valid / 2 test, and give it a target-encoding fold (a hash of
+    its integer id, so both backends agree; else drawn per partition).
 
     With a timestamp: rows before cuts[0] train, before cuts[1] valid, the rest test (missing
     timestamps train). Without: a seeded split stratified by target within each partition.
@@ -186,7 +188,10 @@ def assign_split(
     labels = np.zeros(n, np.int8)
     number = partition_info["number"] if partition_info else 0
     rng = np.random.default_rng([seed, number])
-    folds = rng.integers(0, TARGET_FOLDS, n).astype(np.int8)
+    if id_col is not None and has_integer_ids(part, id_col):
+        folds = _host(id_hash(part, id_col, seed + 1) % np.uint64(TARGET_FOLDS)).astype(np.int8)
+    else:
+        folds = rng.integers(0, TARGET_FOLDS, n).astype(np.int8)
     if timestamp is not None and cuts is not None:
         ts = _host(part[timestamp]).astype("datetime64[us]").astype(np.int64)
         valid_ts = ts != np.iinfo(np.int64).min
@@ -204,25 +209,31 @@ def assign_split(
     return part.assign(**{SPLIT_COLUMN: labels, FOLD_COLUMN: folds})
 
 
+def id_hash(part: Any, id_col: str, seed: int) -> Any:
+    """A 64-bit mix (splitmix64) of each integer id: identical on NumPy and CuPy, so anything
+    chosen by it (samples, target-encoding folds) is the same on the CPU and GPU paths."""
+    xp = array_module(part)
+    z = column_values(part[id_col], np.int64, 0).astype(xp.uint64)
+    z = z + xp.uint64(seed * 0x9E3779B97F4A7C15 % 2**64)
+    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(0x94D049BB133111EB)
+    return z ^ (z >> xp.uint64(31))
+
+
+def has_integer_ids(part: Any, id_col: str) -> bool:
+    return getattr(part[id_col].dtype, "kind", "O") in "iu"
+
+
 def hash_sample_partition(part: Any, *, id_col: str, frac: float, seed: int) -> Any:
     """Rows whose id hashes below `frac`: the same rows on pandas and cuDF (integer ids).
 
     A backend's own `sample` draws from its own random generator, so the CPU and GPU paths would
     fit their statistics on different rows; a hash of the id picks identical rows on both.
     """
-    ids = part[id_col]
-    if getattr(ids.dtype, "kind", "O") not in "iu":
+    if not has_integer_ids(part, id_col):
         return part.sample(frac=frac, random_state=seed)
-    xp = np
-    if is_cudf(part):
-        import cupy as xp  # type: ignore[no-redef]
-    z = column_values(ids, np.int64, 0).astype(xp.uint64) + xp.uint64(
-        seed * 0x9E3779B97F4A7C15 % 2**64
-    )
-    z = (z ^ (z >> xp.uint64(30))) * xp.uint64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> xp.uint64(27))) * xp.uint64(0x94D049BB133111EB)
-    z = z ^ (z >> xp.uint64(31))
-    keep = (z >> xp.uint64(11)) < xp.uint64(int(frac * 2**53))
+    xp = array_module(part)
+    keep = (id_hash(part, id_col, seed) >> xp.uint64(11)) < xp.uint64(int(frac * 2**53))
     return part[keep]
 
 
@@ -624,6 +635,7 @@ def _run_etl(
         valid_fraction=s.valid_fraction,
         test_fraction=s.test_fraction,
         seed=s.seed,
+        id_col=d.id,
     )
     raw = raw.persist()
     train = raw[raw[SPLIT_COLUMN] == 0]

@@ -215,7 +215,8 @@ def fit_xgboost_dask(
         valid = dd.read_parquet(str(etl.features_dir("valid")), columns=cols)
     if train.npartitions < workers:
         train = train.repartition(npartitions=workers)
-    train, valid = client.persist([train, valid])
+    # left lazy: DaskQuantileDMatrix persists what it needs; an explicit client.persist here
+    # lost its futures ("lost dependencies") on a 2-GPU LocalCUDACluster
     dtrain = dxgb.DaskQuantileDMatrix(
         client, train[feature_names], train[target], max_bin=cfg.max_bin
     )
