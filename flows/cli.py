@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from flows.cli_scoring import score_command, serve_command
 from tasks.pipeline import DEFAULT_BUILTIN_ROWS
 
 app = typer.Typer(
@@ -208,16 +209,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
     typer.echo(f"  MLflow: {summary['tracking_uri']}")
 
 
-def _register_scoring_commands() -> None:
-    try:
-        from flows.cli_scoring import score_command, serve_command
-    except ImportError:  # the scoring CLI is optional while it is being built
-        return
-    app.command("score")(score_command)
-    app.command("serve")(serve_command)
-
-
-_register_scoring_commands()
+app.command("score")(score_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:
