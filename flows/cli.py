@@ -58,6 +58,17 @@ def _config_arg(config: Path | None) -> str | None:
     return str(config.resolve())
 
 
+def _stage_inputs(
+    config: Path | None, home: Path | None, device: str | None, sets: list[str] | None
+) -> tuple[str | None, dict[str, Any], str | None]:
+    """(config path, overrides, home) for a single-stage command; --home overrides a config's."""
+    overrides = _overrides(sets, device)
+    home_dir = str(home.resolve()) if home else None
+    if home_dir and config:
+        overrides["home"] = home_dir
+    return _config_arg(config), overrides, home_dir
+
+
 def _fail(exc: Exception) -> None:
     typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2) from exc
@@ -132,12 +143,8 @@ def etl(
     """Run only the ETL stage (cached by input fingerprint) and print where it wrote."""
     from flows.etl import etl_flow
 
-    overrides = _overrides(set_, device)
-    if home and config:
-        overrides["home"] = str(home.resolve())
-    out = etl_flow(
-        _config_arg(config), overrides, rows=rows, home=str(home.resolve()) if home else None
-    )
+    config_path, overrides, home_dir = _stage_inputs(config, home, device, set_)
+    out = etl_flow(config_path, overrides, rows=rows, home=home_dir)
     typer.echo(json.dumps(out, indent=2))
 
 
@@ -155,12 +162,8 @@ def train(
     from tasks.pipeline import config_with_overrides
     from tasks.prefect_tasks import prepare_config_task, resolve_backend_task
 
-    overrides = _overrides(set_, device)
-    if home and config:
-        overrides["home"] = str(home.resolve())
-    path = prepare_config_task.fn(
-        _config_arg(config), overrides, rows, str(home.resolve()) if home else None
-    )
+    config_path, overrides, home_dir = _stage_inputs(config, home, device, set_)
+    path = prepare_config_task.fn(config_path, overrides, rows, home_dir)
     resolved = resolve_backend_task.fn(config_with_overrides(path, overrides).device)
     etl_out = etl_flow(path, overrides, device=resolved)
     trained = train_flow(path, etl_out, resolved, overrides)
