@@ -147,3 +147,14 @@ def test_cli_bad_config_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["run", "--config", str(bad)])
     assert result.exit_code == 2
     assert "bad.toml" in result.output and "id" in result.output
+
+
+def test_cli_single_stage_etl_reuses_the_pipeline_output(first_run: tuple[Path, dict]) -> None:
+    from flows.cli import app
+
+    tmp, summary = first_run
+    result = CliRunner().invoke(app, ["etl", "--config", str(tmp / "config.toml")])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.output[result.output.index("{") :])
+    assert out["fingerprint"] == summary["data_fingerprint"]
+    assert sum(out["rows"].values()) == sum(summary["rows"].values())
