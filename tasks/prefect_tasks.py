@@ -130,7 +130,7 @@ def register_task(
     device: str,
 ) -> dict[str, Any]:
     """Log, register as challenger, compare with the champion on this test split, maybe promote."""
-    from tasks.promotion import evaluate_champion
+    from tasks.promotion import evaluate_bundle, evaluate_champion
 
     cfg = config_with_overrides(config_path, overrides)
     layout = HomeLayout(cfg.home_path)
@@ -174,11 +174,14 @@ def register_task(
     )
     ref = registry.register_bundle(uri, name, run_id, tags=tags)
     registry.set_alias(uri, name, "challenger", ref.version)
+    metric = cfg.registry.promotion_metric
+    challenger_metric = float(trained["metrics"][metric])
+    if champion_metric is not None:
+        challenger_metric = evaluate_bundle(
+            Path(trained["bundle_dir"]), EtlOutput.from_json(etl), metric
+        )
     decision = registry.decide_promotion(
-        cfg.registry.promotion_metric,
-        float(trained["metrics"][cfg.registry.promotion_metric]),
-        champion_metric,
-        cfg.registry.min_improvement,
+        metric, challenger_metric, champion_metric, cfg.registry.min_improvement
     )
     registry.record_decision(uri, ref, decision)
     log.info("%s v%s: %s", name, ref.version, decision.reason)

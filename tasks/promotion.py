@@ -30,11 +30,19 @@ def score_raw_split(
     return np.concatenate(ys), np.concatenate(ps)
 
 
+def evaluate_bundle(bundle_dir: Path, etl: EtlOutput, metric: str) -> float:
+    """A bundle's `metric` on this ETL's raw test split, scored from raw rows through ONNX.
+
+    Challenger and champion both go through this one path, so an identical model ties instead
+    of "winning" by float32 noise between native and ONNX scoring.
+    """
+    bundle = LoadedBundle.load(bundle_dir, scorer="onnx")
+    y, p = score_raw_split(bundle, etl.raw_test_dir, bundle.spec.target_column)
+    return float(classification_metrics(y, p)[metric])
+
+
 def evaluate_champion(
     tracking_uri: str, champion: registry.ModelRef, etl: EtlOutput, cache: Path, metric: str
 ) -> float:
     """The champion's `metric` on this ETL's raw test split."""
-    bundle_dir = registry.download_bundle(tracking_uri, champion, cache)
-    meta_kind = LoadedBundle.load(bundle_dir, scorer="onnx")
-    y, p = score_raw_split(meta_kind, etl.raw_test_dir, meta_kind.spec.target_column)
-    return float(classification_metrics(y, p)[metric])
+    return evaluate_bundle(registry.download_bundle(tracking_uri, champion, cache), etl, metric)

@@ -158,3 +158,20 @@ def test_cli_single_stage_etl_reuses_the_pipeline_output(first_run: tuple[Path, 
     out = json.loads(result.output[result.output.index("{") :])
     assert out["fingerprint"] == summary["data_fingerprint"]
     assert sum(out["rows"].values()) == sum(summary["rows"].values())
+
+
+def test_identical_retrain_ties_and_stays_challenger(
+    first_run: tuple[Path, dict], raw_dataset: Path
+) -> None:
+    """Same data, same config, same seed: the new version must not win by float noise."""
+    from flows.training_pipeline import training_pipeline
+
+    tmp, first = first_run
+    config = write_config(tmp, raw_dataset, **{"model.mlp.enabled": False})
+    summary = training_pipeline(config_path=str(config))
+    (xgb,) = summary["models"]
+    first_xgb = next(m for m in first["models"] if m["kind"] == "xgboost")
+    assert xgb["metrics"]["pr_auc"] == pytest.approx(first_xgb["metrics"]["pr_auc"], abs=1e-6)
+    assert not xgb["promoted"], xgb["reason"]
+    uri = f"sqlite:///{tmp / 'home' / 'mlflow.db'}"
+    assert registry.get_alias(uri, "gpupipe-xgboost", "champion").version == 1  # type: ignore[union-attr]
