@@ -374,9 +374,11 @@ def fit_mlp(train: SplitData, valid: SplitData, cfg: MLPConfig, backend: Backend
     n = min(len(train.target), cfg.max_train_rows)
     rows = torch.as_tensor(rng.permutation(len(train.target))[:n], device=device)
     # torch reads NumPy and CuPy (via __cuda_array_interface__) without a host round trip
-    x = torch.as_tensor(train.features, device=device)[rows]
+    # cuDF hands over column-major matrices; gathering mini-batch rows from one is a strided
+    # gather per step, so make the training matrix row-major once
+    x = torch.as_tensor(train.features, device=device).contiguous()[rows]
     y = torch.as_tensor(train.target, device=device)[rows]
-    xv = torch.as_tensor(valid.features, device=device)
+    xv = torch.as_tensor(valid.features, device=device).contiguous()
     yv = torch.as_tensor(valid.target, device=device)
     model = build_mlp(x.shape[1], cfg.hidden).to(device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
