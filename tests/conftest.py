@@ -37,3 +37,30 @@ def prefect_api() -> Iterator[None]:
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+SMALL_MODELS = {
+    "model.xgboost.n_estimators": 20,
+    "model.mlp.epochs": 1,
+    "model.mlp.batch_size": 512,
+    "model.mlp.hidden": [16],
+}
+
+
+@pytest.fixture(scope="session")
+def small_bundles(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The CPU ETL output of `raw_dataset` and real xgboost + mlp bundles trained on it."""
+    from tasks.backend import resolve_backend
+    from tasks.config import builtin_config
+    from tasks.etl import load_transform, run_etl
+    from tasks.train import train_mlp, train_xgboost
+
+    cpu = resolve_backend("cpu")
+    home = tmp_path_factory.mktemp("bundles-home")
+    cfg = builtin_config(raw_dataset, home, **SMALL_MODELS)
+    etl = run_etl(cfg, cpu, home / "etl")
+    spec, _ = load_transform(etl.transform_dir)
+    args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, cpu)
+    xgb = train_xgboost(*args, home / "xgb", 0)
+    mlp = train_mlp(*args, home / "mlp", 0)
+    return etl, {"xgboost": xgb.bundle_dir, "mlp": mlp.bundle_dir}

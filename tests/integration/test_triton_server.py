@@ -29,10 +29,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.backend import resolve_backend
 from tasks.bundle import LoadedBundle, frame_to_raw
-from tasks.config import builtin_config
-from tasks.etl import EtlOutput, load_transform, run_etl
+from tasks.etl import EtlOutput
 from tasks.publish import (
     CONFIG_FILE,
     PublishedModels,
@@ -45,7 +43,6 @@ from tasks.publish import (
     validate_repository,
 )
 from tasks.spec import TransformSpec
-from tasks.train import train_mlp, train_xgboost
 
 TRITON_URL = os.environ.get("GPUPIPE_TRITON_URL")
 TRITON_REPO = os.environ.get("GPUPIPE_TRITON_REPO")
@@ -58,8 +55,6 @@ pytestmark = [
     ),
 ]
 
-CPU = resolve_backend("cpu")
-SMALL = {"model.xgboost.n_estimators": 30, "model.mlp.epochs": 1, "model.mlp.hidden": [16]}
 VERSION = 1
 MAX_BATCH = 4096
 ROWS = 500
@@ -69,17 +64,9 @@ KINDS = ("xgboost", "mlp")
 
 
 @pytest.fixture(scope="session")
-def trained(
-    raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[EtlOutput, dict[str, Path]]:
-    home = tmp_path_factory.mktemp("triton-home")
-    cfg = builtin_config(raw_dataset, home, **SMALL)
-    etl = run_etl(cfg, CPU, home / "etl")
-    spec, _ = load_transform(etl.transform_dir)
-    args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, CPU)
-    xgb = train_xgboost(*args, home / "xgb", 0)
-    mlp = train_mlp(*args, home / "mlp", 0)
-    return etl, {"xgboost": xgb.bundle_dir, "mlp": mlp.bundle_dir}
+def trained(small_bundles: tuple[EtlOutput, dict[str, Path]]) -> tuple[EtlOutput, dict[str, Path]]:
+    """The shared small bundles (tests/conftest.py)."""
+    return small_bundles
 
 
 @pytest.fixture(scope="session")

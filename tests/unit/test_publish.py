@@ -27,10 +27,8 @@ from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import tasks.publish as publish
-from tasks.backend import resolve_backend
 from tasks.bundle import LoadedBundle, frame_to_raw
-from tasks.config import builtin_config
-from tasks.etl import EtlOutput, load_transform, run_etl
+from tasks.etl import EtlOutput, load_transform
 from tasks.numpy_features import transform_raw
 from tasks.publish import (
     CONFIG_FILE,
@@ -52,33 +50,16 @@ from tasks.publish import (
     validate_repository,
 )
 from tasks.spec import TransformSpec
-from tasks.train import train_mlp, train_xgboost
 
-CPU = resolve_backend("cpu")
-SMALL = {
-    "model.xgboost.n_estimators": 20,
-    "model.mlp.epochs": 1,
-    "model.mlp.batch_size": 512,
-    "model.mlp.hidden": [16],
-}
 BATCHING = {"max_batch_size": 4096, "preferred_batch_sizes": [256, 1024], "max_queue_delay_us": 100}
 PARITY_ROWS = 400
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def trained(
-    raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[EtlOutput, dict[str, Path]]:
-    """The ETL output and real xgboost + mlp bundles trained on it."""
-    home = tmp_path_factory.mktemp("home")
-    cfg = builtin_config(raw_dataset, home, **SMALL)
-    etl = run_etl(cfg, CPU, home / "etl")
-    spec, _ = load_transform(etl.transform_dir)
-    args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, CPU)
-    xgb = train_xgboost(*args, home / "xgb", 0)
-    mlp = train_mlp(*args, home / "mlp", 0)
-    return etl, {"xgboost": xgb.bundle_dir, "mlp": mlp.bundle_dir}
+def trained(small_bundles: tuple[EtlOutput, dict[str, Path]]) -> tuple[EtlOutput, dict[str, Path]]:
+    """The shared small bundles (tests/conftest.py)."""
+    return small_bundles
 
 
 @pytest.fixture(scope="module")
