@@ -55,6 +55,20 @@ def _is_present(value: Any) -> bool:
     return not (isinstance(value, float) and value != value)
 
 
+def present_mask(values: npt.NDArray[Any]) -> npt.NDArray[np.bool_]:
+    """True where an object array holds a value (not None, NaN or pandas' NA).
+
+    Uses pandas' vectorized `isna` when pandas is importable (training and scoring); the Triton
+    preprocess model, which ships NumPy only, falls back to a Python loop with the same result.
+    """
+    try:
+        import pandas as pd
+    except ImportError:
+        flat = values.ravel()
+        return np.fromiter((_is_present(v) for v in flat), bool, flat.size).reshape(values.shape)
+    return ~np.asarray(pd.isna(values), dtype=bool)
+
+
 def lookup_positions(
     keys_sorted: npt.NDArray[Any], values: npt.NDArray[Any]
 ) -> npt.NDArray[np.int64]:
@@ -64,9 +78,8 @@ def lookup_positions(
     vals = np.asarray(values)
     if keys_sorted.dtype.kind in "US" or vals.dtype.kind in "OUS":
         # strings: compare as str, with None/NaN as missing
-        present = np.fromiter((_is_present(v) for v in vals.ravel()), bool, vals.size)
-        vals = np.where(present.reshape(vals.shape), vals, "").astype(str)
-        present = present.reshape(vals.shape)
+        present = present_mask(vals)
+        vals = np.where(present, vals, "").astype(str)
         keys = keys_sorted.astype(str)
     else:
         present = ~np.isnan(vals) if vals.dtype.kind == "f" else np.ones(vals.shape, bool)
@@ -124,11 +137,27 @@ def category_codes(values: npt.NDArray[Any], vocabulary: Sequence[Any]) -> npt.N
     if vals.size == 0:
         return np.zeros(vals.shape, np.int32)
     obj = vals.astype(object) if vals.dtype.kind != "O" else vals
-    present = np.fromiter((_is_present(v) for v in obj.ravel()), bool, obj.size).reshape(obj.shape)
-    text = np.where(present, obj, "").astype(str)
-    uniques, inverse = np.unique(text, return_inverse=True)
-    codes = lookup_positions(vocab.astype(str), uniques)[inverse.reshape(text.shape)]
-    return np.where(present, codes, -1).astype(np.int32)
+    uniques, inverse = _distinct(obj.ravel())
+    positions = lookup_positions(vocab.astype(str), uniques.astype(str))
+    codes = np.where(inverse >= 0, positions[np.maximum(inverse, 0)], -1)
+    return codes.reshape(obj.shape).astype(np.int32)
+
+
+def _distinct(obj: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
+    """(distinct present values, index of each row's value or -1 when missing).
+
+    pandas' hash-based factorize when pandas is importable; NumPy's sort-based unique for the
+    NumPy-only Triton preprocess model. Both give the same codes after the vocabulary lookup.
+    """
+    try:
+        import pandas as pd
+    except ImportError:
+        present = present_mask(obj)
+        text = np.where(present, obj, "").astype(str)
+        uniques, inverse = np.unique(text, return_inverse=True)
+        return uniques, np.where(present, inverse.reshape(-1), -1).astype(np.int64)
+    inverse, uniques = pd.factorize(obj, use_na_sentinel=True)
+    return np.asarray(uniques, dtype=object), np.asarray(inverse, dtype=np.int64)
 
 
 def feature_columns(

@@ -69,3 +69,21 @@ def test_integer_categories_of_different_widths() -> None:
         1,
         -1,
     ]
+
+
+def test_category_codes_same_without_pandas(
+    monkeypatch: pytest.MonkeyPatch, test_seed: int
+) -> None:
+    """The Triton preprocess model ships NumPy only: its fallback must code exactly the same."""
+    import sys
+
+    rng = np.random.default_rng(test_seed)
+    values = rng.choice(
+        np.array(["a", "b", "zz", "unseen", None, float("nan"), 10], dtype=object), 2000
+    )
+    vocab = ["10", "a", "b", "zz"]
+    with_pandas = category_codes(values, vocab)
+    monkeypatch.setitem(sys.modules, "pandas", None)  # makes `import pandas` raise ImportError
+    without = category_codes(values, vocab)
+    np.testing.assert_array_equal(with_pandas, without)
+    assert set(np.unique(with_pandas)) == {-1, 0, 1, 2, 3}
