@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from tasks.etl import Lookups, load_transform
+from tasks.gpu_features import to_host
 from tasks.numpy_features import transform_raw
 from tasks.spec import TransformSpec
 from tasks.train import TRANSFORM_DIR, read_bundle_json
@@ -40,7 +41,7 @@ class XGBoostScorer:
 
     def predict_proba(self, features: Any) -> npt.NDArray[np.float32]:
         out = self.booster.inplace_predict(features)
-        return np.asarray(out.get() if hasattr(out, "get") else out, np.float32).reshape(-1)
+        return to_host(out).astype(np.float32, copy=False).reshape(-1)
 
 
 @dataclass

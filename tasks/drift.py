@@ -51,7 +51,8 @@ def population_stability_index(
     return float(np.sum((a - e) * np.log(a / e)))
 
 
-def _array_module(x: Any) -> Any:
+def array_module_of(x: Any) -> Any:
+    """CuPy for a CuPy array, NumPy otherwise."""
     if type(x).__module__.split(".")[0] == "cupy":
         import cupy
 
@@ -65,7 +66,7 @@ def bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
 
     NumPy or CuPy values; the counts come back on the host.
     """
-    xp = _array_module(values)
+    xp = array_module_of(values)
     if xp is not np:
         idx = xp.searchsorted(xp.asarray(np.asarray(edges, np.float64)), values, side="right")
         counts = xp.bincount(idx.ravel(), minlength=len(edges) + 1)
@@ -92,7 +93,7 @@ def histogram_counts(
 
     Features without a training histogram are left out.
     """
-    xp = _array_module(matrix)
+    xp = array_module_of(matrix)
     # feature-major copy: each column's values contiguous for the per-edge passes
     columns = np.ascontiguousarray(matrix.T) if xp is np else matrix.T
     out: Counts = {}

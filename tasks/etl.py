@@ -24,7 +24,15 @@ import pandas as pd
 from kernels.reference import fused_preprocess_reference
 from tasks.backend import Backend
 from tasks.config import PipelineConfig
-from tasks.gpu_features import DeviceTransform, KeyIndex, column_values, is_cudf, preprocess
+from tasks.drift import array_module_of, bin_counts
+from tasks.gpu_features import (
+    DeviceTransform,
+    KeyIndex,
+    column_values,
+    is_cudf,
+    preprocess,
+    to_host,
+)
 from tasks.io import ColumnRoles, DataError, check_files, discover_files, files_fingerprint
 from tasks.numpy_features import (
     TIME_FEATURES_DEFAULT,
@@ -161,9 +169,7 @@ def _host(values: Any) -> npt.NDArray[Any]:
         return np.asarray(values.to_numpy())
     if hasattr(values, "values_host"):
         return np.asarray(values.values_host)
-    if hasattr(values, "get"):
-        return np.asarray(values.get())
-    return np.asarray(values)
+    return to_host(values)
 
 
 def assign_split(
@@ -525,17 +531,16 @@ def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histog
 
     `matrix` is a NumPy or CuPy (n, features) array; the counting runs where it lives.
     """
-    xp = np if isinstance(matrix, np.ndarray) else __import__("cupy")
+    xp = array_module_of(matrix)
     out = {}
     probs = xp.asarray(np.linspace(0, 1, bins + 1)[1:-1])
     for j, name in enumerate(names):
         x = matrix[:, j].astype(xp.float64)
-        edges = xp.unique(xp.quantile(x, probs)) if x.size else xp.zeros(0)
-        counts = xp.bincount(xp.searchsorted(edges, x, side="right"), minlength=edges.size + 1)
-        out[name] = Histogram(
-            edges=[float(e) for e in _host(edges)],
-            fractions=[float(c) / max(x.size, 1) for c in _host(counts)],
-        )
+        edges = [float(e) for e in to_host(xp.unique(xp.quantile(x, probs)))] if x.size else []
+        # the same binning that scoring counts with, so training fractions and scoring counts
+        # can never disagree about which bin a value falls in
+        counts = bin_counts(x, edges)
+        out[name] = Histogram(edges=edges, fractions=[float(c) / max(x.size, 1) for c in counts])
     return out
 
 

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from kernels.reference import fused_preprocess_reference
-from tasks.numpy_features import ENTITY_STATS, kernel_arrays
+from tasks.numpy_features import ENTITY_STATS, kernel_arrays, raw_column_names
 
 _US_PER_HOUR = 3_600_000_000
 _US_PER_DAY = 86_400_000_000
@@ -125,7 +126,7 @@ class KeyIndex:
 
     def _string_positions(self, series: Any, xp: Any) -> Any:
         # exact string match: the position of each value in the key index (-1 when absent)
-        keys = self.strings if self.strings is not None else [str(k) for k in _host(self.numeric)]
+        keys = self.strings if self.strings is not None else [str(k) for k in to_host(self.numeric)]
         present = column_values(series.notna(), bool, False)
         text = series if series.dtype.kind == "O" else series.astype(str)
         if is_cudf(series):
@@ -139,8 +140,9 @@ class KeyIndex:
         return xp.where(present, xp.asarray(pos), -1).astype(xp.int64)
 
 
-def _host(x: Any) -> Any:
-    return x.get() if hasattr(x, "get") else np.asarray(x)
+def to_host(values: Any) -> npt.NDArray[Any]:
+    """A NumPy or CuPy array as NumPy."""
+    return np.asarray(values.get() if hasattr(values, "get") else values)
 
 
 class DeviceTransform:
@@ -163,11 +165,13 @@ class DeviceTransform:
     @property
     def raw_columns(self) -> list[str]:
         spec = self.spec
-        cols = [spec["id_column"], *spec["raw_numeric"], *spec["raw_categorical"]]
-        if spec["timestamp_column"]:
-            cols.append(spec["timestamp_column"])
-        cols += [e["key"] for e in spec["entities"] if e["key"] not in cols]
-        return cols
+        return raw_column_names(
+            spec["id_column"],
+            spec["raw_numeric"],
+            spec["raw_categorical"],
+            spec["timestamp_column"],
+            [e["key"] for e in spec["entities"]],
+        )
 
     def _entity_columns(self, frame: Any, entity: Mapping[str, Any], keys: KeyIndex, stats: Any):
         xp = self.xp

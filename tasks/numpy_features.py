@@ -23,6 +23,21 @@ TIME_FEATURES_DEFAULT = ("hour", "day_of_week", "is_night")
 _NIGHT_END_HOUR = 6
 
 
+def raw_column_names(
+    id_column: str,
+    numeric: Sequence[str],
+    categorical: Sequence[str],
+    timestamp: str | None,
+    entity_keys: Sequence[str],
+) -> list[str]:
+    """Raw input columns a transform reads (id first), each once, in the config's order."""
+    cols = [id_column, *numeric, *categorical]
+    if timestamp:
+        cols.append(timestamp)
+    cols += [k for k in dict.fromkeys(entity_keys) if k not in cols]
+    return cols
+
+
 def time_feature_columns(
     timestamps: npt.NDArray[Any], names: Sequence[str]
 ) -> dict[str, npt.NDArray[np.float32]]:

@@ -13,7 +13,7 @@ from typing import Any
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from tasks.numpy_features import ENTITY_STATS, kernel_arrays
+from tasks.numpy_features import ENTITY_STATS, kernel_arrays, raw_column_names
 
 SPEC_FILE = "transform_spec.json"
 
@@ -104,13 +104,13 @@ class TransformSpec(_Frozen):
     @property
     def raw_columns(self) -> list[str]:
         """Raw input columns that scoring needs (id first), as the config named them."""
-        cols = [self.id_column, *self.raw_numeric, *self.raw_categorical]
-        if self.timestamp_column:
-            cols.append(self.timestamp_column)
-        for e in self.entities:
-            if e.key not in cols:
-                cols.append(e.key)
-        return cols
+        return raw_column_names(
+            self.id_column,
+            self.raw_numeric,
+            self.raw_categorical,
+            self.timestamp_column,
+            [e.key for e in self.entities],
+        )
 
     def kernel_arrays(self) -> dict[str, npt.NDArray[Any]]:
         """The spec flattened into the arrays that the fused preprocess kernel reads."""

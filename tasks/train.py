@@ -18,6 +18,7 @@ import pandas as pd
 from tasks.backend import Backend
 from tasks.config import MLPConfig, ModelConfig, XGBoostConfig
 from tasks.etl import EtlOutput
+from tasks.gpu_features import to_host
 
 log = logging.getLogger(__name__)
 
@@ -82,11 +83,6 @@ def read_split(
         target=frame[target].to_numpy(np.float32),
         ids=frame[id_col].to_numpy(),
     )
-
-
-def to_host(values: Any) -> npt.NDArray[Any]:
-    """A NumPy or CuPy array as NumPy."""
-    return np.asarray(values.get() if hasattr(values, "get") else values)
 
 
 def classification_metrics(y: npt.NDArray[Any], p: npt.NDArray[Any]) -> dict[str, float]:
@@ -246,7 +242,7 @@ def trim_to_best(booster: Any) -> Any:
 
 def xgboost_predict(booster: Any, features: Any) -> npt.NDArray[np.float32]:
     out = booster.inplace_predict(features)
-    return np.asarray(out.get() if hasattr(out, "get") else out, np.float32)
+    return to_host(out).astype(np.float32, copy=False)
 
 
 def export_xgboost_onnx(booster: Any, n_features: int, path: Path) -> None:
