@@ -66,11 +66,31 @@ def bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
 
     NumPy or CuPy values; the counts come back on the host.
     """
-    xp = array_module_of(values)
-    if xp is not np:
-        idx = xp.searchsorted(xp.asarray(np.asarray(edges, np.float64)), values, side="right")
-        counts = xp.bincount(idx.ravel(), minlength=len(edges) + 1)
-        return np.asarray(counts.get(), np.int64)
+    return bin_counts_many([(values, edges)])[0]
+
+
+def bin_counts_many(
+    pairs: Sequence[tuple[Any, Sequence[float]]],
+) -> list[npt.NDArray[np.int64]]:
+    """`bin_counts` of several (values, edges) pairs. CuPy values are all counted on the device
+    and come back to the host in one transfer (one sync per chunk, not one per column)."""
+    if not pairs:
+        return []
+    xp = array_module_of(pairs[0][0])
+    if xp is np:
+        return [_host_bin_counts(values, edges) for values, edges in pairs]
+    on_device = [_device_bin_counts(xp, values, edges) for values, edges in pairs]
+    flat = np.asarray(xp.concatenate(on_device).get(), np.int64)
+    bounds = np.cumsum([len(edges) + 1 for _, edges in pairs])[:-1]
+    return list(np.split(flat, bounds))
+
+
+def _device_bin_counts(xp: Any, values: Any, edges: Sequence[float]) -> Any:
+    idx = xp.searchsorted(xp.asarray(np.asarray(edges, np.float64)), values, side="right")
+    return xp.bincount(idx.ravel(), minlength=len(edges) + 1)
+
+
+def _host_bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
     # On the host, one comparison pass per edge (edges are few) is several times faster than
     # searchsorted; float64 scalars keep the comparison in float64, as searchsorted does.
     col = np.asarray(values).ravel()
@@ -86,6 +106,20 @@ def bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
     return out
 
 
+def histogram_pairs(
+    matrix: Any, feature_names: Sequence[str], histograms: Mapping[str, Histogram]
+) -> list[tuple[str, Any, list[float]]]:
+    """(name, column, training edges) of each model input that has a training histogram."""
+    xp = array_module_of(matrix)
+    # feature-major copy on the host: each column's values contiguous for the per-edge passes
+    columns = np.ascontiguousarray(matrix.T) if xp is np else matrix.T
+    return [
+        (name, columns[j], histograms[name].edges)
+        for j, name in enumerate(feature_names)
+        if name in histograms
+    ]
+
+
 def histogram_counts(
     matrix: Any, feature_names: Sequence[str], histograms: Mapping[str, Histogram]
 ) -> Counts:
@@ -93,15 +127,9 @@ def histogram_counts(
 
     Features without a training histogram are left out.
     """
-    xp = array_module_of(matrix)
-    # feature-major copy: each column's values contiguous for the per-edge passes
-    columns = np.ascontiguousarray(matrix.T) if xp is np else matrix.T
-    out: Counts = {}
-    for j, name in enumerate(feature_names):
-        hist = histograms.get(name)
-        if hist is not None:
-            out[name] = bin_counts(columns[j], hist.edges)
-    return out
+    pairs = histogram_pairs(matrix, feature_names, histograms)
+    counts = bin_counts_many([(column, edges) for _, column, edges in pairs])
+    return {name: c for (name, _, _), c in zip(pairs, counts, strict=True)}
 
 
 def merge_counts(total: Counts, part: Mapping[str, Sequence[int] | npt.NDArray[Any]]) -> Counts:

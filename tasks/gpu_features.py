@@ -37,10 +37,24 @@ def is_cudf(obj: Any) -> bool:
 
 
 def column_values(series: Any, dtype: Any, na_value: Any) -> Any:
-    """A pandas or cuDF column as a NumPy or CuPy array of `dtype`, nulls replaced by na_value."""
+    """A pandas or cuDF column as a NumPy or CuPy array of `dtype`, nulls replaced by na_value.
+
+    A cuDF column that already has the dtype and no nulls is handed over without a copy.
+    """
     if is_cudf(series):
+        if series.null_count == 0:
+            if series.dtype == np.dtype(dtype):
+                return series.values
+            return series.values.astype(dtype)
         return series.astype(dtype).to_cupy(na_value=na_value)
     return series.to_numpy(dtype=dtype, na_value=na_value)
+
+
+def has_nulls(series: Any) -> bool:
+    """Whether a pandas or cuDF column has missing values (cuDF keeps the count as metadata)."""
+    if is_cudf(series):
+        return bool(series.null_count)
+    return bool(series.isna().any())
 
 
 def _is_numeric(series: Any) -> bool:
@@ -51,7 +65,8 @@ def _is_numeric(series: Any) -> bool:
 def timestamps_us(series: Any) -> Any:
     """Datetime column -> int64 microseconds since the epoch; missing values -> int64 min (NaT)."""
     if is_cudf(series):
-        return series.astype("datetime64[us]").astype("int64").to_cupy(na_value=_NAT)
+        micros = series.astype("datetime64[us]").astype("int64")
+        return micros.values if micros.null_count == 0 else micros.to_cupy(na_value=_NAT)
     values = np.asarray(series.to_numpy())
     if not np.issubdtype(values.dtype, np.datetime64):
         values = values.astype("datetime64[us]")
@@ -68,34 +83,125 @@ def time_feature_columns(ts_us: Any, names: Sequence[str], xp: Any) -> dict[str,
     days = ts_us // _US_PER_DAY
     hour = (hours % 24).astype(xp.float32)
     values = {
-        "hour": hour,
+        "hour": lambda: hour,
         # 1970-01-01 was a Thursday (weekday 3 with Monday = 0)
-        "day_of_week": ((days + 3) % 7).astype(xp.float32),
-        "is_night": (hour < _NIGHT_END_HOUR).astype(xp.float32),
+        "day_of_week": lambda: ((days + 3) % 7).astype(xp.float32),
+        "is_night": lambda: (hour < _NIGHT_END_HOUR).astype(xp.float32),
     }
-    out = {}
-    for name in names:
-        col = values[name]
-        col[missing] = xp.nan
-        out[name] = col
-    return out
+    # `where`, not a masked assignment: no host sync to count the masked rows
+    return {name: xp.where(missing, xp.float32(np.nan), values[name]()) for name in names}
+
+
+# Dense integer keys (ids 0..N, the usual case) get a direct-address table of positions: one
+# gather per row instead of a binary search. Used while the key range is at most this many times
+# the number of keys and the table at most this many entries (int32, so 256 MiB).
+_DIRECT_SPAN_PER_KEY = 8
+_DIRECT_MIN_SPAN = 1 << 16
+_DIRECT_MAX_SPAN = 1 << 26
+
+
+def direct_table(keys: npt.NDArray[Any]) -> tuple[int, npt.NDArray[np.int32]] | None:
+    """(lowest key, position of key `lowest + i` at i or -1) for sorted unique integer keys
+    whose range is dense enough; None otherwise."""
+    if keys.size == 0 or keys.dtype.kind not in "iu":
+        return None
+    lo, hi = int(keys[0]), int(keys[-1])
+    span = hi - lo + 1
+    if span > _DIRECT_MAX_SPAN or span > max(_DIRECT_SPAN_PER_KEY * keys.size, _DIRECT_MIN_SPAN):
+        return None
+    table = np.full(span, -1, np.int32)
+    table[(keys.astype(np.int64) - lo)] = np.arange(keys.size, dtype=np.int32)
+    return lo, table
+
+
+def string_hashes(series: Any) -> Any:
+    """A 64-bit hash of each string (cuDF: xxhash64 on the device; pandas: its own hash).
+
+    Only compared with hashes of the same backend, so the two need not agree.
+    """
+    if is_cudf(series):
+        return series.hash_values(method="xxhash64").values
+    import pandas
+
+    return pandas.util.hash_pandas_object(series, index=False).to_numpy(np.uint64)
+
+
+def _string_series(keys: Sequence[str], xp: Any) -> Any:
+    if xp is np:
+        import pandas
+
+        return pandas.Series(list(keys), dtype=object)
+    import cudf
+
+    return cudf.Series(list(keys), dtype="str")
+
+
+@dataclass(frozen=True)
+class StringHashIndex:
+    """String keys found by hash: sorted 64-bit hashes -> key position, then the string itself
+    compared, so a hash collision with an unseen value never matches."""
+
+    keys: Any  # the keys as a pandas/cuDF string Series, in key order
+    hashes: Any  # sorted hashes (NumPy/CuPy uint64)
+    order: Any  # key position of each sorted hash
+
+    @classmethod
+    def build(cls, keys: Sequence[str], xp: Any) -> StringHashIndex | None:
+        """None when two keys share a hash (then exact `get_indexer` lookups are used)."""
+        series = _string_series(keys, xp)
+        hashes = string_hashes(series)
+        order = xp.argsort(hashes)
+        sorted_hashes = hashes[order]
+        if sorted_hashes.size > 1 and bool((sorted_hashes[1:] == sorted_hashes[:-1]).any()):
+            return None
+        return cls(series, sorted_hashes, order.astype(xp.int64))
+
+    def positions(self, series: Any, xp: Any) -> Any:
+        hashes = string_hashes(series)
+        at = xp.minimum(xp.searchsorted(self.hashes, hashes), self.hashes.size - 1)
+        hit = self.hashes[at] == hashes
+        candidate = xp.where(hit, self.order[at], 0)
+        same = _equal_strings(self.keys, candidate, series, xp)
+        return xp.where(hit & same, candidate, -1).astype(xp.int64)
+
+
+def _equal_strings(keys: Any, candidate: Any, series: Any, xp: Any) -> Any:
+    """keys[candidate[i]] == series[i] for each row; False where series is missing."""
+    if is_cudf(series):
+        import cudf
+
+        taken = keys.take(cudf.Series(candidate)).reset_index(drop=True)
+        equal = taken == series.reset_index(drop=True)
+        return equal.fillna(False).values
+    taken = keys.to_numpy()[np.asarray(candidate)]
+    values = series.to_numpy(dtype=object)
+    present = ~series.isna().to_numpy()
+    return present & (taken == values)
 
 
 @dataclass(frozen=True)
 class KeyIndex:
-    """Sorted keys on the device (numeric) or on the host as strings, for exact-match lookups."""
+    """Sorted keys for exact-match lookups: numeric keys on the device (with a direct-address
+    table when they are dense integers), string keys found by hash."""
 
     numeric: Any  # NumPy/CuPy array, or None for string keys
     strings: list[str] | None
+    direct: Any = None  # int32 positions indexed by key - direct_base, -1 where no key
+    direct_base: int = 0
+    hashed: StringHashIndex | None = None
 
     @classmethod
     def build(cls, keys_sorted: Any, xp: Any) -> KeyIndex:
         keys = np.asarray(keys_sorted)
         if keys.size and keys.dtype.kind in "iuf":
-            return cls(xp.asarray(keys), None)
+            dense = direct_table(keys)
+            if dense is None:
+                return cls(xp.asarray(keys), None)
+            return cls(xp.asarray(keys), None, xp.asarray(dense[1]), dense[0])
         if keys.size == 0:
             return cls(xp.asarray(np.zeros(0, np.int64)), None)
-        return cls(None, [str(k) for k in keys])
+        strings = [str(k) for k in keys]
+        return cls(None, strings, hashed=StringHashIndex.build(strings, xp))
 
     @property
     def size(self) -> int:
@@ -112,23 +218,33 @@ class KeyIndex:
 
     def _numeric_positions(self, series: Any, xp: Any) -> Any:
         keys = self.numeric
-        if series.dtype.kind == "f" or bool(series.isna().any()):
+        if series.dtype.kind == "f" or has_nulls(series):
             vals = column_values(series, np.float64, np.nan)
             present = ~xp.isnan(vals)
+            # like numpy_features.lookup_positions: cast to the key dtype before comparing
+            vals = xp.where(present, vals, keys[0]).astype(keys.dtype)
         else:
-            vals = column_values(series, series.dtype, 0)
-            present = xp.ones(vals.shape, bool)
-        # like numpy_features.lookup_positions: cast to the key dtype before comparing
-        vals = xp.where(present, vals, keys[0]).astype(keys.dtype)
+            vals = column_values(series, series.dtype, 0).astype(keys.dtype, copy=False)
+            present = None
+        if self.direct is not None:
+            offset = vals.astype(xp.int64) - self.direct_base
+            inside = (offset >= 0) & (offset < self.direct.size)
+            if present is not None:
+                inside &= present
+            return xp.where(inside, self.direct[xp.where(inside, offset, 0)], -1).astype(xp.int64)
         pos = xp.minimum(xp.searchsorted(keys, vals), keys.size - 1)
-        found = present & (keys[pos] == vals)
+        found = keys[pos] == vals
+        if present is not None:
+            found &= present
         return xp.where(found, pos, -1).astype(xp.int64)
 
     def _string_positions(self, series: Any, xp: Any) -> Any:
         # exact string match: the position of each value in the key index (-1 when absent)
+        text = series if series.dtype.kind == "O" else series.astype(str)
+        if self.hashed is not None and self.strings is not None:
+            return self.hashed.positions(text, xp)
         keys = self.strings if self.strings is not None else [str(k) for k in to_host(self.numeric)]
         present = column_values(series.notna(), bool, False)
-        text = series if series.dtype.kind == "O" else series.astype(str)
         if is_cudf(series):
             import cudf
 

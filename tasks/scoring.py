@@ -48,7 +48,14 @@ from pydantic import BaseModel, ConfigDict
 from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer, frame_to_raw
 from tasks.cluster import worker_cached, worker_count, worker_name, worker_threads
 from tasks.config import PipelineConfig
-from tasks.drift import Counts, bin_counts, drift_level, feature_psi, histogram_counts, merge_counts
+from tasks.drift import (
+    Counts,
+    bin_counts_many,
+    drift_level,
+    feature_psi,
+    histogram_pairs,
+    merge_counts,
+)
 from tasks.io import (
     ColumnRoles,
     DataError,
@@ -750,10 +757,16 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
 
 
 def _chunk_stats(matrix: Any, probs: Any, labels: Any, spec: TransformSpec) -> tuple[Any, ...]:
-    positives = int(labels.sum())
-    score_counts = bin_counts(probs, SCORE_BIN_EDGES)
-    drift = histogram_counts(matrix, spec.feature_names, spec.histograms)
-    return positives, score_counts, drift
+    """Positives, score-bin counts and drift counts of one chunk; on a GPU all counted on the
+    device and brought back in one transfer."""
+    features = histogram_pairs(matrix, spec.feature_names, spec.histograms)
+    # labels binned at 1: the second bin counts the positives
+    counts = bin_counts_many(
+        [(labels, [1.0]), (probs, SCORE_BIN_EDGES), *((col, e) for _, col, e in features)]
+    )
+    positives = int(counts[0][1])
+    drift = {name: c for (name, _, _), c in zip(features, counts[2:], strict=True)}
+    return positives, counts[1], drift
 
 
 @dataclass
