@@ -229,6 +229,8 @@ def batch_scoring(
                 partition_rows=partition_rows or cfg.scoring.partition_rows,
                 data_format=cfg.data.format,
                 run_id=run_id,
+                io_threads=cfg.scoring.io_threads,
+                gpu_io=cfg.scoring.gpu_io,
             )
             result = score_partitions_task(
                 job, todo, cluster, cfg.cluster, cfg.scoring.files_per_task

@@ -117,6 +117,16 @@ class ScoringConfig(_Strict):
     partition_rows: int = Field(default=2_000_000, ge=1)
     files_per_task: int = Field(default=0, ge=0, description="0 = choose from the cluster size.")
     max_quarantined_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    io_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Files read (and written) at once per worker; 0 = 1 on CPU, 4 on GPU.",
+    )
+    gpu_io: Literal["cudf", "arrow"] = Field(
+        default="cudf",
+        description="GPU workers: decode and encode parquet on the GPU (cudf) or on the worker's "
+        "CPU threads with pyarrow, moving only columns across PCIe (arrow).",
+    )
 
 
 class ClusterConfig(_Strict):

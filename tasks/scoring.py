@@ -90,6 +90,7 @@ SCORE_BIN_EDGES = [round(0.1 * i, 1) for i in range(1, 10)]
 GROUPS_PER_WORKER = 8
 READ_AHEAD = 1
 WRITE_BEHIND = 2
+GPU_IO_THREADS = 4
 OUTPUT_COMPRESSION = "snappy"
 _OUTPUT_NAME = re.compile(r"^.+-[0-9a-f]{16}-.+-v\d+\.parquet$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -124,6 +125,16 @@ class ScoringJob(_Frozen):
     partition_rows: int
     data_format: str = "auto"
     run_id: str = ""
+    io_threads: int = 0
+    gpu_io: Literal["cudf", "arrow"] = "cudf"
+
+    @property
+    def file_threads(self) -> int:
+        """Files read (and written) at once on a worker: several on a GPU, whose transform and
+        predict take a fraction of a file's parquet decode and encode; one per CPU worker."""
+        if self.io_threads:
+            return self.io_threads
+        return GPU_IO_THREADS if self.device == "gpu" else 1
 
 
 class ManifestEntry(_Frozen):
@@ -865,17 +876,21 @@ class ArrowSink:
 
 @dataclass
 class GpuEngine:
-    """cuDF read -> `gpu_features.DeviceTransform` -> XGBoost on CuPy -> cuDF write.
+    """cuDF read -> `gpu_features.DeviceTransform` -> XGBoost on CuPy -> parquet write.
 
     The frame, the feature matrix and the predictions stay in device memory; only the per-chunk
-    histogram counts come back to the host. An ONNX scorer runs on the host (ONNX Runtime's CPU
-    provider), so with it the matrix makes one trip to host memory.
+    counts come back to the host, in one transfer. Parquet is decoded and encoded either by cuDF
+    on the GPU (`io="cudf"`) or by pyarrow on the worker's CPU threads (`io="arrow"`), which then
+    moves only the raw columns to the device and the ids, scores and labels back; with several
+    files in flight the CPU threads decode while the GPU scores. An ONNX scorer runs on the host
+    (ONNX Runtime's CPU provider), so with it the matrix makes one trip to host memory.
     """
 
     bundle: LoadedBundle
     transform: Any
     model_name: str
     model_version: int
+    io: Literal["cudf", "arrow"] = "cudf"
 
     @property
     def spec(self) -> TransformSpec:
@@ -887,6 +902,10 @@ class GpuEngine:
         if fmt == "csv":
             return cudf.from_pandas(read_csv_checked(path, columns, roles))
         try:
+            if self.io == "arrow":
+                import pyarrow.parquet as pq
+
+                return cudf.DataFrame.from_arrow(pq.read_table(path, columns=columns))
             return cudf.read_parquet(str(path), columns=columns)
         except (MemoryError, KeyboardInterrupt):
             raise
@@ -896,6 +915,16 @@ class GpuEngine:
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
         import cudf
 
+        if self.io == "arrow":
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+
+            try:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns):
+                    yield cudf.DataFrame.from_arrow(pa.Table.from_batches([batch]))
+            except (OSError, pa.ArrowException) as exc:
+                raise _unreadable(path, exc) from exc
+            return
         for start in range(0, total, rows):
             try:
                 frame = cudf.read_parquet(
@@ -917,7 +946,6 @@ class GpuEngine:
         return cupy.asarray(scorer.predict_proba(cupy.asnumpy(matrix)), cupy.float32)
 
     def score(self, frame: Any) -> ScoredChunk:
-        import cudf
         import cupy
 
         spec = self.spec
@@ -930,19 +958,59 @@ class GpuEngine:
             probs = cupy.zeros(0, cupy.float32)
         labels = (probs >= self.bundle.threshold).astype(cupy.int8)
         positives, score_counts, drift = _chunk_stats(matrix, probs, labels, spec)
-        table = cudf.DataFrame(
+        ids = frame[spec.id_column].reset_index(drop=True)
+        if self.io == "arrow":
+            table = host_prediction_table(
+                spec.id_column,
+                ids.to_arrow(),
+                probs.get(),
+                labels.get(),
+                self.model_name,
+                self.model_version,
+            )
+        else:
+            table = self._device_table(ids, probs, labels)
+        return ScoredChunk(table, n, positives, score_counts, drift)
+
+    def _device_table(self, ids: Any, probs: Any, labels: Any) -> Any:
+        import cudf
+        import cupy
+
+        n = len(probs)
+        return cudf.DataFrame(
             {
-                spec.id_column: frame[spec.id_column].reset_index(drop=True),
+                self.spec.id_column: ids,
                 SCORE_COLUMN: probs,
                 LABEL_COLUMN: labels,
                 MODEL_NAME_COLUMN: cudf.Series([self.model_name]).repeat(n).reset_index(drop=True),
                 MODEL_VERSION_COLUMN: cupy.full(n, self.model_version, cupy.int64),
             }
         )
-        return ScoredChunk(table, n, positives, score_counts, drift)
 
     def open_sink(self, tmp_path: Path) -> Sink:
-        return CudfSink(tmp_path)
+        return ArrowSink(tmp_path) if self.io == "arrow" else CudfSink(tmp_path)
+
+
+def host_prediction_table(
+    id_column: str, ids: Any, probs: Any, labels: Any, model_name: str, model_version: int
+) -> Any:
+    """The predictions file's columns as a pyarrow Table, from host arrays (ids: Arrow array)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    n = len(probs)
+    return pa.table(
+        {
+            id_column: ids,
+            SCORE_COLUMN: pa.array(probs, pa.float32()),
+            LABEL_COLUMN: pa.array(labels, pa.int8()),
+            # one string repeated, built in Arrow rather than as a Python list of n
+            MODEL_NAME_COLUMN: pc.take(
+                pa.array([model_name], pa.string()), pa.array(np.zeros(n, np.int32))
+            ),
+            MODEL_VERSION_COLUMN: pa.array(np.full(n, model_version, np.int64)),
+        }
+    )
 
 
 class CudfSink:
@@ -979,7 +1047,7 @@ def load_engine(job: ScoringJob, threads: int) -> Engine:
 
         bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cuda")
         transform = DeviceTransform(bundle.spec_dict, bundle.lookups, cupy)
-        return GpuEngine(bundle, transform, job.model_name, job.model_version)
+        return GpuEngine(bundle, transform, job.model_name, job.model_version, job.gpu_io)
     bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cpu")
     # one worker per core: each model uses its worker's threads, not every core of the machine
     if isinstance(bundle.scorer, XGBoostScorer):
@@ -995,7 +1063,7 @@ def load_engine(job: ScoringJob, threads: int) -> Engine:
 def cached_engine(job: ScoringJob) -> Engine:
     """This worker's engine for the job's bundle, scorer and device, loaded on first use."""
     threads = worker_threads()
-    key = ("engine", job.bundle_dir, job.scorer, job.device, threads)
+    key = ("engine", job.bundle_dir, job.scorer, job.device, job.gpu_io, threads)
     return worker_cached(key, lambda: load_engine(job, threads))
 
 
@@ -1096,6 +1164,57 @@ def _read_items(
             yield _Done(existing)
             continue
         yield from read_partition(engine, job, part, roles)
+
+
+def _read_whole_file(
+    engine: Engine, job: ScoringJob, part: InputPartition, roles: ColumnRoles
+) -> list[_Item] | None:
+    """All of one file's items, read on a pool thread; None for a file larger than one chunk,
+    which the consumer streams itself so that memory stays bounded."""
+    path = Path(part.path)
+    with contextlib.suppress(DataError, OSError, ValueError):
+        if (
+            table_format(path, job.data_format) == "parquet"
+            and count_rows(path, "parquet") > job.partition_rows
+        ):
+            return None
+    return list(_read_items(engine, job, [part], roles))
+
+
+def read_items_parallel(
+    engine: Engine,
+    job: ScoringJob,
+    parts: Sequence[InputPartition],
+    roles: ColumnRoles,
+    threads: int,
+) -> Iterator[_Item]:
+    """`_read_items` with up to `threads` files read at once, items still yielded in input
+    order. Files larger than one chunk are streamed in order, not read ahead whole."""
+    if threads <= 1:
+        yield from _read_items(engine, job, parts, roles)
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="gpupipe-read")
+    pending: deque[tuple[InputPartition, Future[list[_Item] | None]]] = deque()
+    upcoming = iter(parts)
+
+    def submit_next() -> None:
+        part = next(upcoming, None)
+        if part is not None:
+            pending.append((part, pool.submit(_read_whole_file, engine, job, part, roles)))
+
+    try:
+        for _ in range(threads):
+            submit_next()
+        while pending:
+            part, future = pending.popleft()
+            items = future.result()
+            submit_next()
+            if items is None:
+                yield from _read_items(engine, job, [part], roles)
+            else:
+                yield from items
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _END = object()
@@ -1245,11 +1364,22 @@ def score_partitions(
     """Score input files in order with reading, scoring and writing overlapped; one manifest
     entry per file, in input order."""
     roles = scoring_roles(engine.spec)
-    reader = _ReadAhead(_read_items(engine, job, parts, roles), READ_AHEAD)
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupipe-write")
+    threads = job.file_threads
+    reader = _ReadAhead(read_items_parallel(engine, job, parts, roles, threads), READ_AHEAD)
+    # one single-thread writer per stripe: a file's chunks and commit stay in order on its stripe
+    stripes = [
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gpupipe-write-{i}")
+        for i in range(threads)
+    ]
     pending: deque[Future[ManifestEntry | None]] = deque()
     open_files: dict[str, _FileWriter] = {}
+    stripe_of: dict[str, ThreadPoolExecutor] = {}
     results: list[ManifestEntry] = []
+
+    def writer(path: str) -> ThreadPoolExecutor:
+        if path not in stripe_of:
+            stripe_of[path] = stripes[len(stripe_of) % len(stripes)]
+        return stripe_of[path]
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
@@ -1270,7 +1400,7 @@ def score_partitions(
             if isinstance(item, _Bad):
                 del open_files[path]
                 if not fw.failed:
-                    pending.append(writer.submit(fw.quarantine, item.reason, item.rows))
+                    pending.append(writer(path).submit(fw.quarantine, item.reason, item.rows))
                 continue
             if fw.failed:
                 if item.last:
@@ -1280,24 +1410,28 @@ def score_partitions(
                 scored = engine.score(item.frame)
             except DATA_ERRORS as exc:
                 fw.failed = True
-                pending.append(writer.submit(fw.quarantine, error_reason(path, exc), item.rows_in))
+                pending.append(
+                    writer(path).submit(fw.quarantine, error_reason(path, exc), item.rows_in)
+                )
                 if item.last:
                     del open_files[path]
                 continue
-            pending.append(writer.submit(fw.write, scored))
+            pending.append(writer(path).submit(fw.write, scored))
             if item.last:
                 del open_files[path]
-                pending.append(writer.submit(fw.commit, item.rows_in))
-            collect(WRITE_BEHIND)
+                pending.append(writer(path).submit(fw.commit, item.rows_in))
+            collect(WRITE_BEHIND * threads)
         collect(0)
     except BaseException:
         reader.close()
-        writer.shutdown(wait=True, cancel_futures=True)
+        for stripe in stripes:
+            stripe.shutdown(wait=True, cancel_futures=True)
         for fw in open_files.values():
             fw.abort()
         raise
     reader.close()
-    writer.shutdown(wait=True)
+    for stripe in stripes:
+        stripe.shutdown(wait=True)
     order = {p.path: i for i, p in enumerate(parts)}
     return sorted(results, key=lambda e: order[e.input])
 

@@ -305,12 +305,18 @@ def test_output_lock_is_exclusive(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- the worker pipeline
 
 
+@pytest.mark.parametrize("io_threads", [1, 2])
 def test_every_row_once_with_the_in_process_score(
-    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+    io_threads: int,
+    bundle_dir: Path,
+    bundle: LoadedBundle,
+    base_frame: pd.DataFrame,
+    tmp_path: Path,
 ) -> None:
+    """Also with several files read and written at once (what GPU workers do)."""
     parts = write_parts(base_frame, tmp_path / "in", 3)
     out = tmp_path / "out"
-    entries = score(make_job(bundle_dir, out), parts)
+    entries = score(make_job(bundle_dir, out, io_threads=io_threads), parts)
     assert [e.status for e in entries] == ["scored"] * 3
     assert sum(e.rows_scored for e in entries) == len(base_frame)
     got = outputs(out)
@@ -370,16 +376,21 @@ def _bad(kind: str, frame: pd.DataFrame, path: Path) -> str:
 @pytest.mark.parametrize(
     "kind", ["unreadable", "missing column", "mistyped column", "all-null id", "duplicate ids"]
 )
-@pytest.mark.parametrize("partition_rows", [1_000_000, 400])
+@pytest.mark.parametrize(("partition_rows", "io_threads"), [(1_000_000, 1), (400, 1), (400, 3)])
 def test_bad_partitions_are_quarantined_with_reason(
-    kind: str, partition_rows: int, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+    kind: str,
+    partition_rows: int,
+    io_threads: int,
+    bundle_dir: Path,
+    base_frame: pd.DataFrame,
+    tmp_path: Path,
 ) -> None:
     good, bad = base_frame.iloc[:1000], base_frame.iloc[1000:2000]
     (good_part,) = write_parts(good, tmp_path / "in", 1)
     bad_path = tmp_path / "in" / "bad.parquet"
     reason = _bad(kind, bad, bad_path)
     out = tmp_path / "out"
-    job = make_job(bundle_dir, out, partition_rows=partition_rows)
+    job = make_job(bundle_dir, out, partition_rows=partition_rows, io_threads=io_threads)
     entries = {e.input: e for e in score(job, [partition_of(bad_path), good_part])}
     quarantined = entries[str(bad_path.resolve())]
     assert quarantined.status == "quarantined"
@@ -534,12 +545,15 @@ def test_device_transform_logic_matches_numpy_features_on_host(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+@pytest.mark.parametrize("gpu_io", ["cudf", "arrow"])
 def test_gpu_engine_matches_cpu_engine(
-    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+    gpu_io: str, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
     parts = write_parts(base_frame, tmp_path / "in", 2, row_group_size=1000)
     cpu = score(make_job(bundle_dir, tmp_path / "cpu"), parts)
-    gpu_job = make_job(bundle_dir, tmp_path / "gpu", device="gpu", partition_rows=1500)
+    gpu_job = make_job(
+        bundle_dir, tmp_path / "gpu", device="gpu", partition_rows=1500, gpu_io=gpu_io
+    )
     gpu = score_partitions(load_engine(gpu_job, threads=1), gpu_job, parts)
     assert [e.rows_scored for e in gpu] == [e.rows_scored for e in cpu]
     a, b = outputs(tmp_path / "cpu"), outputs(tmp_path / "gpu")
