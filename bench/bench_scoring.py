@@ -66,6 +66,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"tiny sizes: {QUICK}")
     p.add_argument("--out", type=Path, help="write the results here as JSON")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for the flow runs, e.g. scoring.gpu_io=arrow (repeatable)",
+    )
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -265,9 +272,22 @@ def run_flow(
         partition_rows=args.partition_rows,
         device=args.device,
         config_path=config,
-        overrides={"cluster.n_workers": args.workers} if args.workers else None,
+        overrides=flow_overrides(args),
     )
     return time.perf_counter() - t0, summary
+
+
+def flow_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
+    """--workers and --set KEY=VALUE as the flow's overrides (values parsed as JSON if they can
+    be: numbers and booleans, else strings)."""
+    out: dict[str, Any] = {"cluster.n_workers": args.workers} if args.workers else {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out or None
 
 
 def warm_prefect() -> None:

@@ -5,6 +5,8 @@
 #   bash bench/gpu_session.sh scoring    # 20M-row batch scoring, flow vs naive loop, GPU
 #   bash bench/gpu_session.sh run        # the whole training pipeline (gpupipe run) on GPU
 #   bash bench/gpu_session.sh multigpu   # 1 vs 2 GPUs: xgboost.dask training and batch scoring
+#   bash bench/gpu_session.sh profile    # per-step GPU scoring profile (after `scoring`)
+#   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings cold/warm + cProfile
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -51,14 +53,18 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     ;;
   profile)
     part profile_gpu_scoring $py bench/profile_gpu_scoring.py --work /tmp/gpupipe-bench-scoring \
-      --out "$out/profile_gpu_scoring.json"
+      --files "${PROFILE_FILES:-8}" --out "$out/profile_gpu_scoring.json"
+    ;;
+  profile_etl)
+    part profile_gpu_etl $py bench/profile_gpu_etl.py --rows "$rows" --out "$out/profile_gpu_etl.json"
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
     ;;
   scoring)
-    part bench_scoring $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" --device gpu \
-      --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring.json"
+    part "bench_scoring${TAG:-}" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
+      --device gpu --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring${TAG:-}.json" \
+      ${SCORING_ARGS:-}
     ;;
   multigpu)
     CUDA_VISIBLE_DEVICES=0 part debug_etl $py bench/debug_gpu_etl.py
