@@ -79,15 +79,29 @@ def bin_counts_many(
     xp = array_module_of(pairs[0][0])
     if xp is np:
         return [_host_bin_counts(values, edges) for values, edges in pairs]
-    on_device = [_device_bin_counts(xp, values, edges) for values, edges in pairs]
+    # per pair on the device: rows >= each edge, then missing rows; one transfer for all pairs
+    on_device = [_device_at_least(xp, values, edges) for values, edges in pairs]
     flat = np.asarray(xp.concatenate(on_device).get(), np.int64)
-    bounds = np.cumsum([len(edges) + 1 for _, edges in pairs])[:-1]
-    return list(np.split(flat, bounds))
+    out, start = [], 0
+    for values, edges in pairs:
+        k = len(edges)
+        at_least, nan = flat[start : start + k], int(flat[start + k])
+        out.append(_bins_from_at_least(int(values.size), at_least, nan))
+        start += k + 1
+    return out
 
 
-def _device_bin_counts(xp: Any, values: Any, edges: Sequence[float]) -> Any:
-    idx = xp.searchsorted(xp.asarray(np.asarray(edges, np.float64)), values, side="right")
-    return xp.bincount(idx.ravel(), minlength=len(edges) + 1)
+def _device_at_least(xp: Any, values: Any, edges: Sequence[float]) -> Any:
+    """[rows >= edge for each edge..., NaN rows] of one column, on the device.
+
+    A broadcast comparison and a column sum per pair: no searchsorted and no atomic bincount
+    (16 ms for 33 columns of 1M rows on an H100, most of a chunk's statistics time).
+    """
+    x = values.ravel()
+    bounds = xp.asarray(np.asarray(edges, np.float64))
+    at_least = (x[:, None] >= bounds[None, :]).sum(axis=0, dtype=xp.int64)
+    nan = xp.isnan(x).sum(dtype=xp.int64) if x.dtype.kind == "f" else xp.zeros((), xp.int64)
+    return xp.concatenate([at_least, nan.reshape(1)])
 
 
 def _host_bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
@@ -96,11 +110,17 @@ def _host_bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int6
     col = np.asarray(values).ravel()
     at_least = np.array([np.count_nonzero(col >= np.float64(e)) for e in edges], np.int64)
     nan = int(np.count_nonzero(np.isnan(col))) if col.dtype.kind == "f" else 0
-    out = np.empty(len(edges) + 1, np.int64)
-    if len(edges) == 0:
-        out[0] = col.size
+    return _bins_from_at_least(col.size, at_least, nan)
+
+
+def _bins_from_at_least(n: int, at_least: npt.NDArray[np.int64], nan: int) -> npt.NDArray[np.int64]:
+    """Bin counts (searchsorted side="right" binning, NaN in the last bin) from the number of
+    rows at or above each edge and the number of NaN rows."""
+    out = np.empty(len(at_least) + 1, np.int64)
+    if len(at_least) == 0:
+        out[0] = n
         return out
-    out[0] = col.size - nan - at_least[0]
+    out[0] = n - nan - at_least[0]
     out[1:-1] = at_least[:-1] - at_least[1:]
     out[-1] = at_least[-1] + nan
     return out

@@ -143,14 +143,26 @@ def read_raw(
     if backend is not None and backend.device == "gpu" and single_gpu() and not is_csv:
         import cudf
 
-        frame = cudf.read_parquet([str(f) for f in files], columns=cols)
-        return dd.from_pandas(frame, npartitions=1, sort=False)
+        # from_map, not from_pandas: from_pandas of an in-memory frame walks its whole index on
+        # the host to find divisions (2 s of a 7 s ETL of 20M rows on an H100, even unsorted)
+        meta = cudf.read_parquet(str(files[0]), columns=cols, nrows=0)
+        paths = tuple(str(f) for f in files)
+        return dd.from_map(
+            read_parquet_files, [paths], columns=cols, meta=meta, enforce_metadata=False
+        )
     if is_csv:
         ddf = dd.read_csv([str(f) for f in files], usecols=cols)
         if cfg.data.timestamp:
             ddf[cfg.data.timestamp] = dd.to_datetime(ddf[cfg.data.timestamp], format="ISO8601")
         return ddf
     return dd.read_parquet([str(f) for f in files], columns=cols)
+
+
+def read_parquet_files(paths: Sequence[str], columns: list[str]) -> Any:
+    """All the files as one cuDF frame (one `read_parquet` call: one pass over the GPU)."""
+    import cudf
+
+    return cudf.read_parquet(list(paths), columns=columns)
 
 
 def single_gpu() -> bool:

@@ -105,3 +105,19 @@ def test_features_without_histogram_are_skipped_and_bins_must_agree() -> None:
     assert counts["a"].tolist() == [1, 1]
     with pytest.raises(ValueError, match="cannot add"):
         merge_counts({"a": np.zeros(2, np.int64)}, {"a": [1, 2, 3]})
+
+
+@pytest.mark.parametrize("n_edges", [0, 1, 9])
+def test_device_counting_math_matches_searchsorted_binning(test_seed: int, n_edges: int) -> None:
+    """The GPU branch's arithmetic (rows at or above each edge, NaN rows) run with NumPy."""
+    from tasks.drift import _bins_from_at_least, _device_at_least
+
+    rng = np.random.default_rng(test_seed)
+    x = rng.normal(size=5000).astype(np.float32)
+    x[:37] = np.nan
+    x[40:60] = 0.0
+    edges = sorted([0.0] * min(n_edges, 1) + list(rng.normal(size=max(n_edges - 1, 0))))
+    flat = _device_at_least(np, x, edges)
+    got = _bins_from_at_least(x.size, flat[:-1], int(flat[-1]))
+    idx = np.searchsorted(np.asarray(edges, np.float64), x, side="right")
+    np.testing.assert_array_equal(got, np.bincount(idx, minlength=len(edges) + 1))
