@@ -123,7 +123,7 @@ class ScoringConfig(_Strict):
         description="Files read (and written) at once per worker; 0 = 1 on CPU, 4 on GPU.",
     )
     gpu_io: Literal["cudf", "arrow"] = Field(
-        default="cudf",
+        default="arrow",
         description="GPU workers: decode and encode parquet on the GPU (cudf) or on the worker's "
         "CPU threads with pyarrow, moving only columns across PCIe (arrow).",
     )

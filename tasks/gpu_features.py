@@ -240,6 +240,8 @@ class KeyIndex:
 
     def _string_positions(self, series: Any, xp: Any) -> Any:
         # exact string match: the position of each value in the key index (-1 when absent)
+        if is_categorical(series):
+            return self._categorical_positions(series, xp)
         text = series if series.dtype.kind == "O" else series.astype(str)
         if self.hashed is not None and self.strings is not None:
             return self.hashed.positions(text, xp)
@@ -254,6 +256,35 @@ class KeyIndex:
 
             pos = pandas.Index(keys).get_indexer(text)
         return xp.where(present, xp.asarray(pos), -1).astype(xp.int64)
+
+    def _categorical_positions(self, series: Any, xp: Any) -> Any:
+        """A dictionary-encoded column (parquet read with its dictionary): look up the few
+        distinct values once, then one gather by code per row."""
+        categories = series.cat.categories
+        names = categories.to_pandas() if is_cudf(categories) else categories
+        lookup = self._string_positions(_string_series([str(v) for v in names], xp), xp)
+        if lookup.size == 0:
+            return xp.full(len(series), -1, xp.int64)
+        present = column_values(series.notna(), bool, False)
+        codes = column_values(series.cat.codes.astype("int64"), np.int64, 0)
+        codes = xp.where(present & (codes >= 0), codes, 0)
+        return xp.where(present, lookup[codes], -1).astype(xp.int64)
+
+
+def is_categorical(series: Any) -> bool:
+    return str(getattr(series, "dtype", "")) == "category"
+
+
+def to_host_pinned(values: Any) -> npt.NDArray[Any]:
+    """A CuPy array copied into page-locked host memory (from CuPy's pinned pool): several times
+    faster than a copy into fresh pageable memory. NumPy arrays are returned as they are."""
+    if not hasattr(values, "get"):
+        return np.asarray(values)
+    import cupyx
+
+    out = cupyx.empty_pinned(values.shape, values.dtype)
+    values.get(out=out)
+    return out
 
 
 def to_host(values: Any) -> npt.NDArray[Any]:

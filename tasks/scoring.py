@@ -126,7 +126,7 @@ class ScoringJob(_Frozen):
     data_format: str = "auto"
     run_id: str = ""
     io_threads: int = 0
-    gpu_io: Literal["cudf", "arrow"] = "cudf"
+    gpu_io: Literal["cudf", "arrow"] = "arrow"
 
     @property
     def file_threads(self) -> int:
@@ -890,7 +890,7 @@ class GpuEngine:
     transform: Any
     model_name: str
     model_version: int
-    io: Literal["cudf", "arrow"] = "cudf"
+    io: Literal["cudf", "arrow"] = "arrow"
 
     @property
     def spec(self) -> TransformSpec:
@@ -903,14 +903,20 @@ class GpuEngine:
             return cudf.from_pandas(read_csv_checked(path, columns, roles))
         try:
             if self.io == "arrow":
-                import pyarrow.parquet as pq
-
-                return cudf.DataFrame.from_arrow(pq.read_table(path, columns=columns))
+                return cudf.DataFrame.from_arrow(self._read_arrow(path, columns))
             return cudf.read_parquet(str(path), columns=columns)
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:  # cuDF raises many types for corrupt files
             raise _unreadable(path, exc) from exc
+
+    def _read_arrow(self, path: Path, columns: list[str]) -> Any:
+        """Parquet decoded on this thread's CPU, string categories kept dictionary-encoded (the
+        transform then looks up each distinct value once, not each row)."""
+        import pyarrow.parquet as pq
+
+        strings = [c for c in self.spec.raw_categorical if c in columns]
+        return pq.read_table(path, columns=columns, read_dictionary=strings).unify_dictionaries()
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
         import cudf
@@ -919,9 +925,12 @@ class GpuEngine:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
+            strings = [c for c in self.spec.raw_categorical if c in columns]
             try:
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns):
-                    yield cudf.DataFrame.from_arrow(pa.Table.from_batches([batch]))
+                parquet = pq.ParquetFile(path, read_dictionary=strings)
+                for batch in parquet.iter_batches(batch_size=rows, columns=columns):
+                    table = pa.Table.from_batches([batch]).unify_dictionaries()
+                    yield cudf.DataFrame.from_arrow(table)
             except (OSError, pa.ArrowException) as exc:
                 raise _unreadable(path, exc) from exc
             return
@@ -960,11 +969,14 @@ class GpuEngine:
         positives, score_counts, drift = _chunk_stats(matrix, probs, labels, spec)
         ids = frame[spec.id_column].reset_index(drop=True)
         if self.io == "arrow":
+            from tasks.gpu_features import to_host_pinned
+
+            host_probs = to_host_pinned(probs)
             table = host_prediction_table(
                 spec.id_column,
-                ids.to_arrow(),
-                probs.get(),
-                labels.get(),
+                host_ids(ids),
+                host_probs,
+                (host_probs >= self.bundle.threshold).astype(np.int8),
                 self.model_name,
                 self.model_version,
             )
@@ -991,12 +1003,22 @@ class GpuEngine:
         return ArrowSink(tmp_path) if self.io == "arrow" else CudfSink(tmp_path)
 
 
+def host_ids(ids: Any) -> Any:
+    """A cuDF id column as an Arrow array, through pinned memory when it has no nulls."""
+    import pyarrow as pa
+
+    from tasks.gpu_features import to_host_pinned
+
+    if ids.null_count:
+        return ids.to_arrow()
+    return pa.array(to_host_pinned(ids.values))
+
+
 def host_prediction_table(
     id_column: str, ids: Any, probs: Any, labels: Any, model_name: str, model_version: int
 ) -> Any:
     """The predictions file's columns as a pyarrow Table, from host arrays (ids: Arrow array)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
 
     n = len(probs)
     return pa.table(
@@ -1004,9 +1026,10 @@ def host_prediction_table(
             id_column: ids,
             SCORE_COLUMN: pa.array(probs, pa.float32()),
             LABEL_COLUMN: pa.array(labels, pa.int8()),
-            # one string repeated, built in Arrow rather than as a Python list of n
-            MODEL_NAME_COLUMN: pc.take(
-                pa.array([model_name], pa.string()), pa.array(np.zeros(n, np.int32))
+            # one string repeated: dictionary-encoded, so neither Arrow nor the parquet writer
+            # handles n strings (a plain string column made the write 5x slower)
+            MODEL_NAME_COLUMN: pa.DictionaryArray.from_arrays(
+                pa.array(np.zeros(n, np.int32)), pa.array([model_name], pa.string())
             ),
             MODEL_VERSION_COLUMN: pa.array(np.full(n, model_version, np.int64)),
         }

@@ -56,3 +56,16 @@ def test_a_hash_match_with_a_different_string_is_not_a_match() -> None:
     index = StringHashIndex(pd.Series(["key"], dtype=object), colliding, np.array([0]))
     got = index.positions(pd.Series(["intruder", "key"], dtype=object), np)
     assert got.tolist() == [-1, -1]
+
+
+def test_dictionary_encoded_columns_are_looked_up_by_category() -> None:
+    """Parquet read with its dictionary (the GPU arrow reader) gives categorical columns."""
+    vocab = np.array(sorted(["de", "fr", "us"]))
+    values = pd.Series(["fr", None, "us", "xx", "fr", "de"], dtype=object)
+    index = KeyIndex.build(vocab, np)
+    categorical = values.astype("category")
+    got = index.positions(categorical, np)
+    np.testing.assert_array_equal(got, index.positions(values, np))
+    assert got.tolist() == [1, -1, 2, -1, 1, 0]
+    empty = pd.Series([None, None], dtype=object).astype("category")
+    assert index.positions(empty, np).tolist() == [-1, -1]

@@ -541,6 +541,9 @@ def test_device_transform_logic_matches_numpy_features_on_host(
     want = bundle.features(frame_to_raw(frame, bundle.spec.raw_columns))
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
     assert transform.raw_columns == bundle.spec.raw_columns
+    # string categories read dictionary-encoded (the GPU arrow reader) give the same matrix
+    encoded = frame.astype({c: "category" for c in bundle.spec.raw_categorical})
+    np.testing.assert_array_equal(transform.matrix(encoded), got)
 
 
 @pytest.mark.gpu
