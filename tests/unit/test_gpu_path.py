@@ -92,4 +92,25 @@ def test_gpu_xgboost_trains_on_device_data(both_etls, tmp_path: Path) -> None:
     on_cpu = train_xgboost(cpu, *args, resolve_backend("cpu"), tmp_path / "c", 0)
     assert on_gpu.params["device"] == "cuda"
     assert on_gpu.parity_max_abs_diff <= cfg.model.onnx_parity_atol
-    assert abs(on_gpu.metrics["roc_auc"] - on_cpu.metrics["roc_auc"]) < 0.03
+    # GPU and CPU hist differ in float summation order, so the trees differ; on a test split of
+    # a few thousand rows and ~1% positives their AUCs may differ by sampling noise alone:
+    # allow three standard errors of the AUC (Hanley & McNeil 1982), not a fixed 0.03
+    y = on_cpu.extra["y_test"]
+    tolerance = 3 * auc_standard_error(on_cpu.metrics["roc_auc"], int(y.sum()), int((1 - y).sum()))
+    assert abs(on_gpu.metrics["roc_auc"] - on_cpu.metrics["roc_auc"]) < tolerance
+    assert on_gpu.metrics["roc_auc"] > 0.7
+
+
+def auc_standard_error(auc: float, positives: int, negatives: int) -> float:
+    q1 = auc / (2 - auc)
+    q2 = 2 * auc**2 / (1 + auc)
+    var = (auc * (1 - auc) + (positives - 1) * (q1 - auc**2) + (negatives - 1) * (q2 - auc**2)) / (
+        positives * negatives
+    )
+    return float(np.sqrt(var))
+
+
+def test_auc_standard_error_shrinks_with_more_rows() -> None:
+    small = auc_standard_error(0.85, 45, 4455)
+    assert 0.015 < small < 0.05
+    assert auc_standard_error(0.85, 4500, 445500) < small / 5
