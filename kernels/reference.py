@@ -5,6 +5,9 @@ Also the CPU implementation used by gpupipe when no GPU is present.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
@@ -50,4 +53,20 @@ def fused_preprocess_reference(
         idx = np.where(valid, col, 0) + enc_offsets[i]
         vals = enc_table[idx] if enc_table.size else np.zeros(n, np.float32)
         out[:, k + i] = np.where(valid, vals, unseen[i])
+    return out
+
+
+def at_least_counts_reference(
+    matrix: npt.NDArray[Any], edges_per_column: Sequence[Sequence[float]]
+) -> npt.NDArray[np.int64]:
+    """Oracle of `kernels.bin_counts.at_least_counts`: (k, max edges + 1) int64, per column the
+    rows >= each of its edges (compared in float64), unused edge slots 0, then the NaN rows."""
+    x = np.asarray(matrix, np.float64)
+    width = max((len(e) for e in edges_per_column), default=0)
+    out = np.zeros((len(edges_per_column), width + 1), np.int64)
+    for j, edges in enumerate(edges_per_column):
+        col = x[:, j]
+        for e, edge in enumerate(edges):
+            out[j, e] = np.count_nonzero(col >= np.float64(edge))
+        out[j, width] = np.count_nonzero(np.isnan(col))
     return out

@@ -24,7 +24,7 @@ import pandas as pd
 from kernels.reference import fused_preprocess_reference
 from tasks.backend import Backend
 from tasks.config import PipelineConfig
-from tasks.drift import array_module_of, bin_counts
+from tasks.drift import array_module_of, matrix_bin_counts
 from tasks.gpu_features import (
     DeviceTransform,
     KeyIndex,
@@ -541,19 +541,24 @@ def fit_numeric(
 def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histogram]:
     """Decile-style bins of each model input on training rows, for the stability index.
 
-    `matrix` is a NumPy or CuPy (n, features) array; the counting runs where it lives.
+    `matrix` is a NumPy or CuPy (n, features) array; the counting runs where it lives, with the
+    binning that scoring counts with (`drift.matrix_bin_counts`), so training fractions and
+    scoring counts can never disagree about which bin a value falls in.
     """
     xp = array_module_of(matrix)
-    out = {}
+    n = int(matrix.shape[0])
     probs = xp.asarray(np.linspace(0, 1, bins + 1)[1:-1])
-    for j, name in enumerate(names):
-        x = matrix[:, j].astype(xp.float64)
-        edges = [float(e) for e in to_host(xp.unique(xp.quantile(x, probs)))] if x.size else []
-        # the same binning that scoring counts with, so training fractions and scoring counts
-        # can never disagree about which bin a value falls in
-        counts = bin_counts(x, edges)
-        out[name] = Histogram(edges=edges, fractions=[float(c) / max(x.size, 1) for c in counts])
-    return out
+    edges = [
+        [float(e) for e in to_host(xp.unique(xp.quantile(matrix[:, j].astype(xp.float64), probs)))]
+        if n
+        else []
+        for j in range(len(names))
+    ]
+    counts = matrix_bin_counts(matrix, edges)
+    return {
+        name: Histogram(edges=e, fractions=[float(c) / max(n, 1) for c in cnt])
+        for name, e, cnt in zip(names, edges, counts, strict=True)
+    }
 
 
 def raw_dtypes(ddf: dd.DataFrame) -> dict[str, str]:

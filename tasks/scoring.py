@@ -50,10 +50,11 @@ from tasks.cluster import worker_cached, worker_count, worker_name, worker_threa
 from tasks.config import PipelineConfig
 from tasks.drift import (
     Counts,
-    bin_counts_many,
+    array_module_of,
     drift_level,
     feature_psi,
-    histogram_pairs,
+    histogram_counts,
+    matrix_bin_counts,
     merge_counts,
 )
 from tasks.io import (
@@ -768,16 +769,14 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
 
 
 def _chunk_stats(matrix: Any, probs: Any, labels: Any, spec: TransformSpec) -> tuple[Any, ...]:
-    """Positives, score-bin counts and drift counts of one chunk; on a GPU all counted on the
-    device and brought back in one transfer."""
-    features = histogram_pairs(matrix, spec.feature_names, spec.histograms)
+    """Positives, score-bin counts and drift counts of one chunk (on a GPU: counted on the
+    device, two small transfers)."""
+    drift = histogram_counts(matrix, spec.feature_names, spec.histograms)
+    xp = array_module_of(probs)
+    outcome = xp.stack([probs.astype(xp.float32), labels.astype(xp.float32)], axis=1)
     # labels binned at 1: the second bin counts the positives
-    counts = bin_counts_many(
-        [(labels, [1.0]), (probs, SCORE_BIN_EDGES), *((col, e) for _, col, e in features)]
-    )
-    positives = int(counts[0][1])
-    drift = {name: c for (name, _, _), c in zip(features, counts[2:], strict=True)}
-    return positives, counts[1], drift
+    score_counts, label_counts = matrix_bin_counts(outcome, [SCORE_BIN_EDGES, [1.0]])
+    return int(label_counts[1]), score_counts, drift
 
 
 @dataclass

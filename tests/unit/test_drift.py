@@ -108,16 +108,23 @@ def test_features_without_histogram_are_skipped_and_bins_must_agree() -> None:
 
 
 @pytest.mark.parametrize("n_edges", [0, 1, 9])
-def test_device_counting_math_matches_searchsorted_binning(test_seed: int, n_edges: int) -> None:
-    """The GPU branch's arithmetic (rows at or above each edge, NaN rows) run with NumPy."""
-    from tasks.drift import _bins_from_at_least, _device_at_least
+def test_bins_from_the_kernels_counts_match_searchsorted_binning(
+    test_seed: int, n_edges: int
+) -> None:
+    """The GPU path: the kernel's per-edge counts (here its NumPy oracle) turned into bins."""
+    from kernels.reference import at_least_counts_reference
+    from tasks.drift import _bins_from_at_least, matrix_bin_counts
 
     rng = np.random.default_rng(test_seed)
-    x = rng.normal(size=5000).astype(np.float32)
+    x = rng.normal(size=(5000, 2)).astype(np.float32)
     x[:37] = np.nan
     x[40:60] = 0.0
     edges = sorted([0.0] * min(n_edges, 1) + list(rng.normal(size=max(n_edges - 1, 0))))
-    flat = _device_at_least(np, x, edges)
-    got = _bins_from_at_least(x.size, flat[:-1], int(flat[-1]))
-    idx = np.searchsorted(np.asarray(edges, np.float64), x, side="right")
-    np.testing.assert_array_equal(got, np.bincount(idx, minlength=len(edges) + 1))
+    per_column = [edges, edges[:1]]
+    counts = at_least_counts_reference(x, per_column)
+    for j, col_edges in enumerate(per_column):
+        got = _bins_from_at_least(x.shape[0], counts[j, : len(col_edges)], int(counts[j, -1]))
+        idx = np.searchsorted(np.asarray(col_edges, np.float64), x[:, j], side="right")
+        want = np.bincount(idx, minlength=len(col_edges) + 1)
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(matrix_bin_counts(x, per_column)[j], want)

@@ -1,0 +1,139 @@
+"""Histogram counts of every column of a matrix in one pass (Triton): for each column j and each
+of its edges e, the number of rows with x >= edges[j][e], and the number of NaN rows.
+
+Bin counts follow from these on the host (`tasks.drift`): with searchsorted(side="right") binning
+and NaN in the last bin, bin 0 = n - nan - at_least[0], bin i = at_least[i-1] - at_least[i], and
+the last bin = at_least[-1] + nan. Each program loads a [BLOCK_N rows x K_PAD columns] tile
+(coalesced along rows of a row-major matrix), counts in registers and adds one partial sum per
+(column, edge) with an atomic, so a chunk of drift statistics is one launch, not a searchsorted
+and an atomic-heavy bincount per column. Comparisons are in float64, as NumPy's are.
+Semantics are those of `kernels.reference.at_least_counts_reference`, the oracle for the tests.
+
+Like `kernels.fused_preprocess`, nothing from torch or triton is imported until first use.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from kernels.fused_preprocess import _interpret, _to_torch, is_available, triton_cdiv
+
+tl: Any = None  # bound to triton.language by _build, as in kernels.fused_preprocess
+# Bound by _build to `_add` jitted for the current mode. triton's own tl.sum is built for the mode
+# triton found when first imported, which the interpreter cannot call if that was compiled mode.
+_column_add: Any = None
+
+BLOCK_N = 256
+NUM_WARPS = 4
+_KERNELS: dict[str, Any] = {}
+_LOCK = threading.Lock()
+
+__all__ = ["at_least_counts", "is_available"]
+
+
+def _add(a, b):
+    return a + b
+
+
+def _at_least_kernel(
+    x_ptr,
+    edges_ptr,
+    n_edges_ptr,
+    out_ptr,
+    n,
+    k,
+    stride_row,
+    stride_col,
+    K_PAD: tl.constexpr,
+    MAX_EDGES: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    cols = tl.arange(0, K_PAD)
+    col_ok = cols < k
+    mask = (rows < n)[:, None] & col_ok[None, :]
+    x = tl.load(
+        x_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0
+    ).to(tl.float64)
+    width = MAX_EDGES + 1
+    n_edges = tl.load(n_edges_ptr + cols, mask=col_ok, other=0)
+    nan = ((x != x) & mask).to(tl.int32)
+    nan_rows = tl.reduce(nan, 0, _column_add)
+    tl.atomic_add(out_ptr + cols * width + MAX_EDGES, nan_rows, mask=col_ok)
+    for e in tl.static_range(MAX_EDGES):
+        edge = tl.load(edges_ptr + cols * MAX_EDGES + e, mask=col_ok, other=0.0)
+        at_least = ((x >= edge[None, :]) & mask).to(tl.int32)
+        used = col_ok & (e < n_edges)
+        at_least_rows = tl.reduce(at_least, 0, _column_add)
+        tl.atomic_add(out_ptr + cols * width + e, at_least_rows, mask=used)
+
+
+def _build(interpret: bool) -> Any:
+    mode = "interpret" if interpret else "compiled"
+    if mode not in _KERNELS:
+        global tl, _column_add
+        import triton
+        import triton.language as language
+
+        tl = language
+        _KERNELS[mode] = (triton.jit(_add), triton.jit(_at_least_kernel))
+    _column_add, kernel = _KERNELS[mode]
+    return kernel
+
+
+def padded_edges(edges_per_column: Sequence[Sequence[float]]) -> np.ndarray:
+    """(k, max edges) float64, each column's edges then +inf (slots past a column's own edges
+    are not counted)."""
+    width = max((len(e) for e in edges_per_column), default=0)
+    out = np.full((len(edges_per_column), max(width, 1)), np.inf, np.float64)
+    for j, edges in enumerate(edges_per_column):
+        out[j, : len(edges)] = np.asarray(edges, np.float64)
+    return out[:, :width] if width else out[:, :0]
+
+
+def at_least_counts(matrix: Any, edges_per_column: Sequence[Sequence[float]]) -> np.ndarray:
+    """(k, max edges + 1) int64 on the host: [rows >= each edge..., NaN rows] per column.
+
+    Args:
+        matrix: (n, k) float array: CuPy/torch on a GPU (any strides), or CPU torch/NumPy with
+            TRITON_INTERPRET=1. Rows must number below 2**31 (int32 counters).
+        edges_per_column: k ascending edge lists (may be empty).
+    """
+    import torch
+
+    x = _to_torch(matrix)
+    if x.dim() != 2 or x.shape[1] != len(edges_per_column):
+        raise ValueError(f"need an (n, {len(edges_per_column)}) matrix, got {tuple(x.shape)}")
+    n, k = int(x.shape[0]), int(x.shape[1])
+    if n >= 2**31:
+        raise ValueError(f"{n} rows: counts are int32, split the matrix into chunks")
+    interpret = _interpret()
+    device = x.device if not interpret else torch.device("cpu")
+    if interpret and x.device.type != "cpu":
+        x = x.cpu()
+    edges = padded_edges(edges_per_column)
+    max_edges = edges.shape[1]
+    out = torch.zeros((k, max_edges + 1), dtype=torch.int32, device=device)
+    if n and k:
+        edges_t = torch.as_tensor(
+            edges if max_edges else np.zeros((k, 1)), dtype=torch.float64, device=device
+        )
+        n_edges = torch.as_tensor(
+            [len(e) for e in edges_per_column], dtype=torch.int32, device=device
+        )
+        kernel = _build(interpret)
+        args = (x, edges_t, n_edges, out, n, k, int(x.stride(0)), int(x.stride(1)))
+        meta = {"K_PAD": 1 << max(k - 1, 0).bit_length(), "MAX_EDGES": max_edges}
+        with _LOCK:
+            launch = kernel[(triton_cdiv(n, BLOCK_N),)]
+            if device.type == "cuda":
+                with torch.cuda.device(device):
+                    launch(*args, **meta, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+            else:
+                launch(*args, **meta, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+    return out.cpu().numpy().astype(np.int64)
