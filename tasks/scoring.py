@@ -220,14 +220,21 @@ def plan_partitions(
     return todo, done
 
 
-def group_count(n_parts: int, n_workers: int, files_per_task: int = 0) -> int:
+def group_count(
+    n_parts: int, n_workers: int, files_per_task: int = 0, files_in_flight: int = 1
+) -> int:
     """Dask tasks for `n_parts` files: `files_per_task` each if set, else GROUPS_PER_WORKER per
-    worker (never more tasks than files)."""
+    worker (never more tasks than files), with at least 2 x `files_in_flight` files per task so
+    that a worker reading several files at once has a full pipeline, not a restart per task."""
     if n_parts <= 0:
         return 0
     if files_per_task > 0:
         return math.ceil(n_parts / files_per_task)
-    return min(n_parts, max(1, n_workers) * GROUPS_PER_WORKER)
+    workers = max(1, n_workers)
+    groups = min(n_parts, workers * GROUPS_PER_WORKER)
+    if files_in_flight > 1:  # but never fewer tasks than workers
+        groups = min(groups, max(workers, math.ceil(n_parts / (2 * files_in_flight))))
+    return groups
 
 
 def group_partitions(parts: Sequence[InputPartition], n_groups: int) -> list[list[InputPartition]]:
@@ -1496,7 +1503,9 @@ def run_on_cluster(
     from distributed import as_completed
 
     workers = worker_count(client)
-    groups = group_partitions(todo, group_count(len(todo), workers, files_per_task))
+    groups = group_partitions(
+        todo, group_count(len(todo), workers, files_per_task, job.file_threads)
+    )
     log.info(
         "scoring %d file(s) in %d dask task(s) on %d worker(s)", len(todo), len(groups), workers
     )

@@ -183,6 +183,10 @@ def test_group_count_bounds_tasks_not_files() -> None:
     assert group_count(3, 4) == 3
     assert group_count(10_000, 4) == 32  # a few dozen dask tasks for ten thousand files
     assert group_count(10, 4, files_per_task=3) == 4
+    # workers reading 4 files at once get at least 8 files per task
+    assert group_count(20, 1, files_in_flight=4) == 3
+    assert group_count(10_000, 4, files_in_flight=4) == 32
+    assert group_count(5, 2, files_in_flight=4) == 2
 
 
 @pytest.mark.parametrize("n_groups", [1, 2, 3, 7, 50])
