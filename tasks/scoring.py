@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer, frame_to_raw
+from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer
 from tasks.cluster import worker_cached, worker_count, worker_name, worker_threads
 from tasks.config import PipelineConfig
 from tasks.drift import Counts, bin_counts, drift_level, feature_psi, histogram_counts, merge_counts
@@ -63,6 +63,7 @@ from tasks.io import (
     table_format,
     value_problems,
 )
+from tasks.numpy_features import DictionaryColumn, RawColumn, transform_raw
 from tasks.spec import Histogram, TransformSpec
 
 log = logging.getLogger(__name__)
@@ -756,6 +757,43 @@ def _chunk_stats(matrix: Any, probs: Any, labels: Any, spec: TransformSpec) -> t
     return positives, score_counts, drift
 
 
+def dictionary_columns(spec: TransformSpec) -> list[str]:
+    """Raw columns read only as categorical features: the CPU engine reads them from parquet
+    dictionary-encoded (pandas categoricals), so their strings are never materialized per row
+    and each distinct value is looked up once."""
+    other = {spec.id_column, *spec.raw_numeric, *(e.key for e in spec.entities)}
+    other.update(e.value for e in spec.entities)
+    if spec.timestamp_column:
+        other.add(spec.timestamp_column)
+    return [c for c in spec.raw_categorical if c not in other]
+
+
+def read_parquet_frame(path: Path, columns: list[str], dictionary: list[str]) -> Any:
+    """A parquet file with pandas, the `dictionary` columns as categoricals; on failure the
+    plain read's DataError (naming the missing column or the reason)."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path, columns=columns, read_dictionary=dictionary)
+    except Exception:
+        return read_table(path, columns, "parquet")
+
+
+def raw_columns(frame: Any, columns: list[str]) -> dict[str, RawColumn]:
+    """A pandas frame's columns for `numpy_features`: categoricals as `DictionaryColumn`
+    (codes, categories), the others as NumPy arrays (missing strings stay None/NaN)."""
+    import pandas as pd
+
+    out: dict[str, RawColumn] = {}
+    for c in columns:
+        col = frame[c]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            out[c] = DictionaryColumn(col.cat.codes.to_numpy(), col.cat.categories.to_numpy())
+        else:
+            out[c] = col.to_numpy()
+    return out
+
+
 @dataclass
 class CpuEngine:
     """pandas + NumPy transform (`numpy_features`, the training code) + in-process scorer."""
@@ -771,7 +809,8 @@ class CpuEngine:
     def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any:
         if fmt == "csv":
             return read_csv_checked(path, columns, roles)
-        return read_table(path, columns, fmt)
+        dictionary = [c for c in dictionary_columns(self.spec) if c in columns]
+        return read_parquet_frame(path, columns, dictionary)
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
         import pyarrow as pa
@@ -788,7 +827,8 @@ class CpuEngine:
         spec = self.spec
         n = len(frame)
         if n:
-            matrix = self.bundle.features(frame_to_raw(frame, spec.raw_columns))
+            raw = raw_columns(frame, spec.raw_columns)
+            matrix = transform_raw(raw, self.bundle.spec_dict, self.bundle.lookups)
             probs = np.asarray(self.bundle.scorer.predict_proba(matrix), np.float32).reshape(-1)
         else:
             matrix = np.zeros((0, len(spec.feature_names)), np.float32)

@@ -24,6 +24,7 @@ from tasks.scoring import (
     RunTotals,
     ScoringError,
     ScoringJob,
+    dictionary_columns,
     discover_partitions,
     entry_file_name,
     failure_reason,
@@ -36,10 +37,12 @@ from tasks.scoring import (
     partition_of,
     plan_partitions,
     quarantined_fraction,
+    raw_columns,
     read_entry,
     read_manifest,
     run_summary,
     score_partitions,
+    scoring_roles,
     summary_markdown,
     summary_table,
     sweep_outputs,
@@ -421,6 +424,30 @@ def test_bad_values_are_scored_the_way_training_defined(
     assert np.isfinite(got["score"]).all()
     want = expected_scores(bundle, pd.read_parquet(part.path)).to_numpy()
     np.testing.assert_allclose(got["score"], want, rtol=0, atol=1e-7)
+
+
+def test_cpu_engine_reads_string_categories_dictionary_encoded(
+    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The CPU engine reads categorical-only string columns as categoricals and computes the
+    exact model input that the row-by-row transform computes (missing and unseen values too)."""
+    from tasks.numpy_features import transform_raw
+
+    spec = bundle.spec
+    assert set(dictionary_columns(spec)) == {"channel", "country", "mcc"}
+    frame = base_frame.iloc[:600].copy()
+    frame.loc[frame.index[0:5], "channel"] = None
+    frame.loc[frame.index[5:10], "channel"] = "telepathy"
+    frame.loc[frame.index[10:15], "country"] = "XX"
+    (part,) = write_parts(frame, tmp_path / "in", 1, row_group_size=250)
+    engine = load_engine(make_job(bundle_dir, tmp_path / "out"), threads=1)
+    roles = scoring_roles(spec)
+    read = engine.read(Path(part.path), "parquet", roles.columns, roles)
+    assert isinstance(read["channel"].dtype, pd.CategoricalDtype)
+    got = transform_raw(raw_columns(read, spec.raw_columns), bundle.spec_dict, bundle.lookups)
+    plain = pd.read_parquet(part.path)
+    want = bundle.features(frame_to_raw(plain, spec.raw_columns))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_csv_partitions_score_like_parquet(
