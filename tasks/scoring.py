@@ -85,6 +85,10 @@ GROUPS_PER_WORKER = 8
 READ_AHEAD = 1
 WRITE_BEHIND = 2
 OUTPUT_COMPRESSION = "snappy"
+# Parquet dictionary encoding only where it pays: the few-valued columns. Ids are unique and
+# scores nearly so; a dictionary for them is built, overflows, and is abandoned (about 40% of the
+# CPU writer's time for nothing).
+OUTPUT_DICTIONARY_COLUMNS = [LABEL_COLUMN, MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN]
 _OUTPUT_NAME = re.compile(r"^.+-[0-9a-f]{16}-.+-v\d+\.parquet$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Exceptions that mean "this partition's data cannot be scored" (quarantine it) rather than a bug
@@ -873,7 +877,12 @@ class ArrowSink:
 
         if self._writer is None:
             self._schema = table.schema
-            self._writer = pq.ParquetWriter(self.path, table.schema, compression=OUTPUT_COMPRESSION)
+            self._writer = pq.ParquetWriter(
+                self.path,
+                table.schema,
+                compression=OUTPUT_COMPRESSION,
+                use_dictionary=OUTPUT_DICTIONARY_COLUMNS,
+            )
         elif table.schema != self._schema:
             # e.g. an id column read as int64 in one chunk and as float64 (nulls) in another
             table = table.cast(self._schema)

@@ -332,6 +332,17 @@ def test_every_row_once_with_the_in_process_score(
     assert hidden_files(out) == []
 
 
+def test_cpu_output_dictionary_encodes_only_the_few_valued_columns(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame.iloc[:1000], tmp_path / "in", 1)
+    (entry,) = score(make_job(bundle_dir, tmp_path / "out"), parts)
+    meta = pq.ParquetFile(tmp_path / "out" / str(entry.output)).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(5)}
+    dictionary = {c for c, enc in encodings.items() if "RLE_DICTIONARY" in enc}
+    assert dictionary == {"label", "model_name", "model_version"}
+
+
 def test_large_file_is_streamed_in_chunks_with_the_same_result(
     bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
