@@ -615,3 +615,18 @@ def test_cluster_address_and_worker_cache() -> None:
     assert built == [0, *range(1, cluster.CACHE_SIZE + 1), 0]
     assert cluster.cache_loads()[repr(("k", 0))] == 2
     cluster.clear_cache()
+
+
+def test_local_cpu_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dask's MALLOC_TRIM_THRESHOLD_ (which disables glibc's adaptive mmap threshold and slowed
+    the CPU transform) is not passed to the workers of a CPU cluster made for one run."""
+    from tasks.cluster import dask_client
+    from tasks.config import ClusterConfig
+
+    # an earlier default LocalCluster in this process may have exported it to os.environ
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_client(ClusterConfig(n_workers=1), resolve_backend("cpu")) as client:
+        found = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        omp = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert list(found.values()) == [None]
+    assert list(omp.values()) == ["1"]  # the other pre-spawn settings stay
