@@ -101,7 +101,8 @@ def matrix_bin_counts(
     xp = array_module_of(matrix)
     n = int(matrix.shape[0])
     if xp is np or n >= 2**31 or not _bin_kernel_available():
-        columns = np.ascontiguousarray(matrix.T) if xp is np else matrix.T
+        # host: feature-major copy, each column's values contiguous for the per-edge passes
+        columns = feature_major(np.asarray(matrix)) if xp is np else matrix.T
         return bin_counts_many(list(zip(columns, edges_per_column, strict=True)))
     from kernels.bin_counts import at_least_counts
 
@@ -123,9 +124,15 @@ def _bin_kernel_available() -> bool:
 
 def _host_bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
     # On the host, one comparison pass per edge (edges are few) is several times faster than
-    # searchsorted; float64 scalars keep the comparison in float64, as searchsorted does.
+    # searchsorted. The comparison must give what float64 gives, as searchsorted does: float32
+    # values compare with the smallest float32 >= each edge (same result, a third of the cost).
     col = np.asarray(values).ravel()
-    at_least = np.array([np.count_nonzero(col >= np.float64(e)) for e in edges], np.int64)
+    thresholds: list[np.floating[Any]] = (
+        [float32_at_least(e) for e in edges]
+        if col.dtype == np.float32
+        else [np.float64(e) for e in edges]
+    )
+    at_least = np.array([np.count_nonzero(col >= t) for t in thresholds], np.int64)
     nan = int(np.count_nonzero(np.isnan(col))) if col.dtype.kind == "f" else 0
     return _bins_from_at_least(col.size, at_least, nan)
 
@@ -140,6 +147,31 @@ def _bins_from_at_least(n: int, at_least: npt.NDArray[np.int64], nan: int) -> np
     out[0] = n - nan - at_least[0]
     out[1:-1] = at_least[:-1] - at_least[1:]
     out[-1] = at_least[-1] + nan
+    return out
+
+
+def float32_at_least(edge: float) -> np.float32:
+    """The smallest float32 >= `edge` (NaN for NaN): for any float32 x, `x >= edge` compared in
+    float64 equals `x >= float32_at_least(edge)` compared in float32."""
+    with np.errstate(over="ignore"):
+        f = np.float32(edge)
+    if np.float64(f) < edge:
+        f = np.nextafter(f, np.float32(np.inf))
+    return np.float32(f)
+
+
+# Rows per block of the blocked transpose: a block of a (n, ~20) float32 matrix fits in L2.
+TRANSPOSE_BLOCK_ROWS = 8192
+
+
+def feature_major(matrix: npt.NDArray[Any]) -> npt.NDArray[Any]:
+    """A C-contiguous copy of `matrix.T`, copied in row blocks (about twice as fast as one
+    strided copy for a tall matrix)."""
+    n = matrix.shape[0]
+    out = np.empty((matrix.shape[1], n), matrix.dtype)
+    for start in range(0, n, TRANSPOSE_BLOCK_ROWS):
+        stop = start + TRANSPOSE_BLOCK_ROWS
+        out[:, start:stop] = matrix[start:stop].T
     return out
 
 

@@ -9,6 +9,7 @@ and batch scoring.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -21,6 +22,41 @@ Lookup = Mapping[str, npt.NDArray[Any]]
 ENTITY_STATS = ("count", "mean", "std", "target_rate")
 TIME_FEATURES_DEFAULT = ("hour", "day_of_week", "is_night")
 _NIGHT_END_HOUR = 6
+
+
+@dataclass(frozen=True)
+class DictionaryColumn:
+    """A dictionary-encoded raw column: row i holds `dictionary[indices[i]]`, or is missing where
+    `indices[i] < 0` (what parquet stores and pyarrow/pandas categoricals hold). Categorical
+    features are coded once per dictionary entry instead of once per row."""
+
+    indices: npt.NDArray[np.integer[Any]]
+    dictionary: npt.NDArray[Any]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def dense(self) -> npt.NDArray[Any]:
+        """The values row by row, as pandas holds them: numbers as float64 with NaN where
+        missing, anything else as objects with None where missing."""
+        values = np.asarray(self.dictionary)
+        missing = np.asarray(self.indices) < 0
+        if not missing.any():
+            return values[self.indices]
+        if values.dtype.kind in "iuf":
+            out = np.full(missing.shape, np.nan)
+        else:
+            out = np.full(missing.shape, None, dtype=object)
+        out[~missing] = values[self.indices[~missing]]
+        return out
+
+
+RawColumn = npt.NDArray[Any] | DictionaryColumn
+
+
+def dense_column(values: RawColumn) -> npt.NDArray[Any]:
+    """A raw column as a NumPy array (a dictionary column expanded row by row)."""
+    return values.dense() if isinstance(values, DictionaryColumn) else values
 
 
 def raw_column_names(
@@ -136,12 +172,15 @@ def entity_feature_columns(
     return out
 
 
-def category_codes(values: npt.NDArray[Any], vocabulary: Sequence[Any]) -> npt.NDArray[np.int32]:
+def category_codes(values: RawColumn, vocabulary: Sequence[Any]) -> npt.NDArray[np.int32]:
     """Index of each value in the (sorted) vocabulary; -1 for unseen or missing.
 
     Integer vocabularies compare numerically (a float column with NaN still matches); string
-    vocabularies compare as str, looking up each distinct value once rather than every row.
+    vocabularies compare as str, looking up each distinct value once rather than every row. A
+    `DictionaryColumn` looks up its dictionary entries, then takes them by index.
     """
+    if isinstance(values, DictionaryColumn):
+        return dictionary_codes(values, vocabulary)
     vocab = np.asarray(vocabulary)
     vals = np.asarray(values)
     if vocab.size and vocab.dtype.kind in "iu" and vals.dtype.kind in "iuf":
@@ -153,9 +192,21 @@ def category_codes(values: npt.NDArray[Any], vocabulary: Sequence[Any]) -> npt.N
         return np.zeros(vals.shape, np.int32)
     obj = vals.astype(object) if vals.dtype.kind != "O" else vals
     uniques, inverse = _distinct(obj.ravel())
+    if uniques.size == 0:  # every value missing
+        return np.full(obj.shape, -1, np.int32)
     positions = lookup_positions(vocab.astype(str), uniques.astype(str))
     codes = np.where(inverse >= 0, positions[np.maximum(inverse, 0)], -1)
     return codes.reshape(obj.shape).astype(np.int32)
+
+
+def dictionary_codes(column: DictionaryColumn, vocabulary: Sequence[Any]) -> npt.NDArray[np.int32]:
+    """`category_codes` of a dictionary-encoded column: the same codes as of its dense values."""
+    indices = np.asarray(column.indices)
+    dictionary = np.asarray(column.dictionary)
+    if dictionary.size == 0:
+        return np.full(indices.shape, -1, np.int32)
+    positions = category_codes(dictionary, vocabulary)
+    return np.where(indices >= 0, positions[np.maximum(indices, 0)], -1).astype(np.int32)
 
 
 def _distinct(obj: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[np.int64]]:
@@ -176,23 +227,32 @@ def _distinct(obj: npt.NDArray[Any]) -> tuple[npt.NDArray[Any], npt.NDArray[np.i
 
 
 def feature_columns(
-    raw: Mapping[str, npt.NDArray[Any]], spec: Spec, lookups: Mapping[str, Lookup]
+    raw: Mapping[str, RawColumn], spec: Spec, lookups: Mapping[str, Lookup]
 ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int32]]:
-    """Raw columns -> (numeric (k, n) float32 feature-major, codes (c, n) int32)."""
+    """Raw columns -> (numeric (k, n) float32 feature-major, codes (c, n) int32).
+
+    Categorical columns may come dictionary-encoded (`DictionaryColumn`); any other use of a
+    column reads its dense values.
+    """
     n = len(raw[spec["id_column"]])
     derived: dict[str, npt.NDArray[np.float32]] = {}
     if spec["time_features"]:
-        derived.update(time_feature_columns(raw[spec["timestamp_column"]], spec["time_features"]))
+        derived.update(
+            time_feature_columns(dense_column(raw[spec["timestamp_column"]]), spec["time_features"])
+        )
     for entity in spec["entities"]:
         derived.update(
             entity_feature_columns(
-                raw[entity["key"]], raw[entity["value"]], entity, lookups[entity["key"]]
+                dense_column(raw[entity["key"]]),
+                dense_column(raw[entity["value"]]),
+                entity,
+                lookups[entity["key"]],
             )
         )
     numeric = np.empty((len(spec["numeric"]), n), np.float32)
     for j, feat in enumerate(spec["numeric"]):
         name = feat["name"]
-        src = derived[name] if name in derived else raw[name]
+        src = derived[name] if name in derived else dense_column(raw[name])
         numeric[j] = np.asarray(src, dtype=np.float32)
     codes = np.empty((len(spec["categorical"]), n), np.int32)
     for i, feat in enumerate(spec["categorical"]):
@@ -219,7 +279,7 @@ def kernel_arrays(spec: Spec) -> dict[str, npt.NDArray[Any]]:
 
 
 def transform_raw(
-    raw: Mapping[str, npt.NDArray[Any]],
+    raw: Mapping[str, RawColumn],
     spec: Spec,
     lookups: Mapping[str, Lookup],
     out_dtype: type[np.floating] = np.float32,

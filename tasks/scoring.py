@@ -45,7 +45,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer, frame_to_raw
+from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer
 from tasks.cluster import worker_cached, worker_count, worker_name, worker_threads
 from tasks.config import PipelineConfig
 from tasks.drift import (
@@ -71,6 +71,7 @@ from tasks.io import (
     table_format,
     value_problems,
 )
+from tasks.numpy_features import DictionaryColumn, RawColumn, transform_raw
 from tasks.spec import Histogram, TransformSpec
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,10 @@ READ_AHEAD = 1
 WRITE_BEHIND = 2
 GPU_IO_THREADS = 4
 OUTPUT_COMPRESSION = "snappy"
+# Parquet dictionary encoding only where it pays: the few-valued columns. Ids are unique and
+# scores nearly so; a dictionary for them is built, overflows, and is abandoned (about 40% of the
+# CPU writer's time for nothing).
+OUTPUT_DICTIONARY_COLUMNS = [LABEL_COLUMN, MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN]
 _OUTPUT_NAME = re.compile(r"^.+-[0-9a-f]{16}-.+-v\d+\.parquet$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Exceptions that mean "this partition's data cannot be scored" (quarantine it) rather than a bug
@@ -786,6 +791,43 @@ def _chunk_stats(matrix: Any, probs: Any, labels: Any, spec: TransformSpec) -> t
     return int(label_counts[1]), score_counts, drift
 
 
+def dictionary_columns(spec: TransformSpec) -> list[str]:
+    """Raw columns read only as categorical features: the CPU engine reads them from parquet
+    dictionary-encoded (pandas categoricals), so their strings are never materialized per row
+    and each distinct value is looked up once."""
+    other = {spec.id_column, *spec.raw_numeric, *(e.key for e in spec.entities)}
+    other.update(e.value for e in spec.entities)
+    if spec.timestamp_column:
+        other.add(spec.timestamp_column)
+    return [c for c in spec.raw_categorical if c not in other]
+
+
+def read_parquet_frame(path: Path, columns: list[str], dictionary: list[str]) -> Any:
+    """A parquet file with pandas, the `dictionary` columns as categoricals; on failure the
+    plain read's DataError (naming the missing column or the reason)."""
+    import pandas as pd
+
+    try:
+        return pd.read_parquet(path, columns=columns, read_dictionary=dictionary)
+    except Exception:
+        return read_table(path, columns, "parquet")
+
+
+def raw_columns(frame: Any, columns: list[str]) -> dict[str, RawColumn]:
+    """A pandas frame's columns for `numpy_features`: categoricals as `DictionaryColumn`
+    (codes, categories), the others as NumPy arrays (missing strings stay None/NaN)."""
+    import pandas as pd
+
+    out: dict[str, RawColumn] = {}
+    for c in columns:
+        col = frame[c]
+        if isinstance(col.dtype, pd.CategoricalDtype):
+            out[c] = DictionaryColumn(col.cat.codes.to_numpy(), col.cat.categories.to_numpy())
+        else:
+            out[c] = col.to_numpy()
+    return out
+
+
 @dataclass
 class CpuEngine:
     """pandas + NumPy transform (`numpy_features`, the training code) + in-process scorer."""
@@ -801,7 +843,8 @@ class CpuEngine:
     def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any:
         if fmt == "csv":
             return read_csv_checked(path, columns, roles)
-        return read_table(path, columns, fmt)
+        dictionary = [c for c in dictionary_columns(self.spec) if c in columns]
+        return read_parquet_frame(path, columns, dictionary)
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
         import pyarrow as pa
@@ -818,7 +861,8 @@ class CpuEngine:
         spec = self.spec
         n = len(frame)
         if n:
-            matrix = self.bundle.features(frame_to_raw(frame, spec.raw_columns))
+            raw = raw_columns(frame, spec.raw_columns)
+            matrix = transform_raw(raw, self.bundle.spec_dict, self.bundle.lookups)
             probs = np.asarray(self.bundle.scorer.predict_proba(matrix), np.float32).reshape(-1)
         else:
             matrix = np.zeros((0, len(spec.feature_names)), np.float32)
@@ -830,20 +874,14 @@ class CpuEngine:
 
     def _table(self, ids: Any, probs: Any, labels: Any) -> Any:
         import pyarrow as pa
-        import pyarrow.compute as pc
 
-        n = len(probs)
-        return pa.table(
-            {
-                self.spec.id_column: pa.Array.from_pandas(ids),
-                SCORE_COLUMN: pa.array(probs, pa.float32()),
-                LABEL_COLUMN: pa.array(labels, pa.int8()),
-                # one string repeated, built in Arrow rather than as a Python list of n
-                MODEL_NAME_COLUMN: pc.take(
-                    pa.array([self.model_name], pa.string()), pa.array(np.zeros(n, np.int32))
-                ),
-                MODEL_VERSION_COLUMN: pa.array(np.full(n, self.model_version, np.int64)),
-            }
+        return host_prediction_table(
+            self.spec.id_column,
+            pa.Array.from_pandas(ids),
+            probs,
+            labels,
+            self.model_name,
+            self.model_version,
         )
 
     def open_sink(self, tmp_path: Path) -> Sink:
@@ -863,7 +901,12 @@ class ArrowSink:
 
         if self._writer is None:
             self._schema = table.schema
-            self._writer = pq.ParquetWriter(self.path, table.schema, compression=OUTPUT_COMPRESSION)
+            self._writer = pq.ParquetWriter(
+                self.path,
+                table.schema,
+                compression=OUTPUT_COMPRESSION,
+                use_dictionary=OUTPUT_DICTIONARY_COLUMNS,
+            )
         elif table.schema != self._schema:
             # e.g. an id column read as int64 in one chunk and as float64 (nulls) in another
             table = table.cast(self._schema)

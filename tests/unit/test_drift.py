@@ -9,9 +9,12 @@ import pytest
 
 from tasks.drift import (
     PSI_EPSILON,
+    TRANSPOSE_BLOCK_ROWS,
     bin_counts,
     drift_level,
+    feature_major,
     feature_psi,
+    float32_at_least,
     histogram_counts,
     merge_counts,
     population_stability_index,
@@ -68,6 +71,35 @@ def test_bin_counts_match_searchsorted(test_seed: int, dtype: type) -> None:
     want = np.bincount(np.searchsorted(edges, x, side="right"), minlength=edges.size + 1)
     np.testing.assert_array_equal(bin_counts(x, edges.tolist()), want)
     assert bin_counts(x, []).tolist() == [x.size]
+
+
+def test_float32_bin_counts_equal_float64_comparison(test_seed: int) -> None:
+    """float32 values right around float64 edges, and edges beyond float32's range."""
+    rng = np.random.default_rng(test_seed)
+    edges = np.sort(np.concatenate([rng.normal(size=6), [-1e39, 1e-45, 0.1, 3e38, 1e39]]))
+    near = edges[np.abs(edges) < 3.4e38].astype(np.float32)
+    x = np.concatenate(
+        [
+            near,
+            np.nextafter(near, np.float32(np.inf)),
+            np.nextafter(near, np.float32(-np.inf)),
+            rng.normal(size=1000).astype(np.float32),
+            np.array([np.nan, np.inf, -np.inf, 0.0, -0.0, 3.4028235e38], np.float32),
+        ]
+    ).astype(np.float32)
+    want = np.bincount(np.searchsorted(edges, x, side="right"), minlength=edges.size + 1)
+    np.testing.assert_array_equal(bin_counts(x, edges.tolist()), want)
+    assert (
+        float32_at_least(0.1) >= 0.1 and np.float64(np.nextafter(float32_at_least(0.1), -1)) < 0.1
+    )
+
+
+@pytest.mark.parametrize("rows", [0, 1, TRANSPOSE_BLOCK_ROWS, 2 * TRANSPOSE_BLOCK_ROWS + 3])
+def test_feature_major_is_the_transpose(rows: int, test_seed: int) -> None:
+    matrix = np.random.default_rng(test_seed).normal(size=(rows, 5)).astype(np.float32)
+    out = feature_major(matrix)
+    assert out.flags.c_contiguous
+    np.testing.assert_array_equal(out, matrix.T)
 
 
 def test_counts_merge_across_partitions_and_reproduce_training_fractions(test_seed: int) -> None:

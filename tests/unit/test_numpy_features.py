@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from tasks.numpy_features import (
+    DictionaryColumn,
     category_codes,
+    dense_column,
     entity_feature_columns,
     lookup_positions,
     time_feature_columns,
@@ -87,3 +89,28 @@ def test_category_codes_same_without_pandas(
     without = category_codes(values, vocab)
     np.testing.assert_array_equal(with_pandas, without)
     assert set(np.unique(with_pandas)) == {-1, 0, 1, 2, 3}
+
+
+@pytest.mark.parametrize(
+    ("dictionary", "vocab"),
+    [
+        (np.array(["online", "tap", "chip", None], dtype=object), ["chip", "online", "swipe"]),
+        (np.array([7, 10, 99]), [7, 10]),
+        (np.array(["10", "7"], dtype=object), [7, 10]),
+        (np.array([], dtype=object), ["a"]),
+    ],
+)
+def test_dictionary_column_codes_like_its_dense_values(
+    dictionary: np.ndarray, vocab: list[object], test_seed: int
+) -> None:
+    """A dictionary-encoded column (what the CPU scoring engine reads from parquet) must get the
+    codes its row-by-row values get: missing (-1 indices), unseen and mistyped values included."""
+    rng = np.random.default_rng(test_seed)
+    indices = rng.integers(-1, max(len(dictionary), 1), 500).astype(np.int8)
+    if len(dictionary) == 0:
+        indices[:] = -1
+    column = DictionaryColumn(indices, dictionary)
+    dense = dense_column(column)
+    assert len(column) == 500 and dense.shape == (500,)
+    assert all(v is None or v != v for v in dense[indices < 0])  # None, or NaN for numbers
+    np.testing.assert_array_equal(category_codes(column, vocab), category_codes(dense, vocab))

@@ -24,6 +24,7 @@ from tasks.scoring import (
     RunTotals,
     ScoringError,
     ScoringJob,
+    dictionary_columns,
     discover_partitions,
     entry_file_name,
     failure_reason,
@@ -36,10 +37,12 @@ from tasks.scoring import (
     partition_of,
     plan_partitions,
     quarantined_fraction,
+    raw_columns,
     read_entry,
     read_manifest,
     run_summary,
     score_partitions,
+    scoring_roles,
     summary_markdown,
     summary_table,
     sweep_outputs,
@@ -339,6 +342,17 @@ def test_every_row_once_with_the_in_process_score(
     assert hidden_files(out) == []
 
 
+def test_cpu_output_dictionary_encodes_only_the_few_valued_columns(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame.iloc[:1000], tmp_path / "in", 1)
+    (entry,) = score(make_job(bundle_dir, tmp_path / "out"), parts)
+    meta = pq.ParquetFile(tmp_path / "out" / str(entry.output)).metadata.row_group(0)
+    encodings = {meta.column(i).path_in_schema: meta.column(i).encodings for i in range(5)}
+    dictionary = {c for c, enc in encodings.items() if "RLE_DICTIONARY" in enc}
+    assert dictionary == {"label", "model_name", "model_version"}
+
+
 def test_large_file_is_streamed_in_chunks_with_the_same_result(
     bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -436,6 +450,30 @@ def test_bad_values_are_scored_the_way_training_defined(
     assert np.isfinite(got["score"]).all()
     want = expected_scores(bundle, pd.read_parquet(part.path)).to_numpy()
     np.testing.assert_allclose(got["score"], want, rtol=0, atol=1e-7)
+
+
+def test_cpu_engine_reads_string_categories_dictionary_encoded(
+    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The CPU engine reads categorical-only string columns as categoricals and computes the
+    exact model input that the row-by-row transform computes (missing and unseen values too)."""
+    from tasks.numpy_features import transform_raw
+
+    spec = bundle.spec
+    assert set(dictionary_columns(spec)) == {"channel", "country", "mcc"}
+    frame = base_frame.iloc[:600].copy()
+    frame.loc[frame.index[0:5], "channel"] = None
+    frame.loc[frame.index[5:10], "channel"] = "telepathy"
+    frame.loc[frame.index[10:15], "country"] = "XX"
+    (part,) = write_parts(frame, tmp_path / "in", 1, row_group_size=250)
+    engine = load_engine(make_job(bundle_dir, tmp_path / "out"), threads=1)
+    roles = scoring_roles(spec)
+    read = engine.read(Path(part.path), "parquet", roles.columns, roles)
+    assert isinstance(read["channel"].dtype, pd.CategoricalDtype)
+    got = transform_raw(raw_columns(read, spec.raw_columns), bundle.spec_dict, bundle.lookups)
+    plain = pd.read_parquet(part.path)
+    want = bundle.features(frame_to_raw(plain, spec.raw_columns))
+    np.testing.assert_array_equal(got, want)
 
 
 def test_csv_partitions_score_like_parquet(
@@ -598,3 +636,18 @@ def test_cluster_address_and_worker_cache() -> None:
     assert built == [0, *range(1, cluster.CACHE_SIZE + 1), 0]
     assert cluster.cache_loads()[repr(("k", 0))] == 2
     cluster.clear_cache()
+
+
+def test_local_cpu_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Dask's MALLOC_TRIM_THRESHOLD_ (which disables glibc's adaptive mmap threshold and slowed
+    the CPU transform) is not passed to the workers of a CPU cluster made for one run."""
+    from tasks.cluster import dask_client
+    from tasks.config import ClusterConfig
+
+    # an earlier default LocalCluster in this process may have exported it to os.environ
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with dask_client(ClusterConfig(n_workers=1), resolve_backend("cpu")) as client:
+        found = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        omp = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
+    assert list(found.values()) == [None]
+    assert list(omp.values()) == ["1"]  # the other pre-spawn settings stay
