@@ -130,15 +130,19 @@ def _interpret() -> bool:
 
 
 def is_available() -> bool:
-    """True when the kernel can run here: triton and torch importable, and a CUDA device or
-    TRITON_INTERPRET=1 (triton's CPU interpreter)."""
+    """True when the kernels here can run: triton and torch importable, and a CUDA device or
+    TRITON_INTERPRET=1 (triton's CPU interpreter). A broken torch install answers False, so
+    callers fall back to CuPy/NumPy rather than fail."""
     if importlib.util.find_spec("triton") is None or importlib.util.find_spec("torch") is None:
         return False
     if _interpret():
         return True
-    import torch
+    try:
+        import torch
 
-    return bool(torch.cuda.is_available())
+        return bool(torch.cuda.is_available())
+    except Exception:
+        return False
 
 
 def _build_kernels(interpret: bool) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kernels.fused_preprocess import is_available as kernels_available
 from tasks.spec import Histogram
 
 # Floor for bin fractions: an empty bin would make ln(actual / expected) infinite.
@@ -100,7 +101,7 @@ def matrix_bin_counts(
     """
     xp = array_module_of(matrix)
     n = int(matrix.shape[0])
-    if xp is np or n >= 2**31 or not _bin_kernel_available():
+    if xp is np or n >= 2**31 or not kernels_available():
         # host: feature-major copy, each column's values contiguous for the per-edge passes
         columns = feature_major(np.asarray(matrix)) if xp is np else matrix.T
         return bin_counts_many(list(zip(columns, edges_per_column, strict=True)))
@@ -111,15 +112,6 @@ def matrix_bin_counts(
         _bins_from_at_least(n, counts[j, : len(edges)], int(counts[j, -1]))
         for j, edges in enumerate(edges_per_column)
     ]
-
-
-def _bin_kernel_available() -> bool:
-    try:
-        from kernels import fused_preprocess
-
-        return bool(fused_preprocess.is_available())
-    except Exception:  # a broken triton/torch install: count with CuPy instead
-        return False
 
 
 def _host_bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from kernels.fused_preprocess import is_available as fused_kernels_available
 from kernels.reference import fused_preprocess_reference
 from tasks.numpy_features import ENTITY_STATS, kernel_arrays, raw_column_names
 
@@ -377,7 +378,7 @@ def preprocess(
     if xp is np:
         return fused_preprocess_reference(numeric, codes, **kernel_host)
     n = numeric.shape[1] if numeric.shape[0] else codes.shape[1]
-    if n and _fused_kernel_available():
+    if n and fused_kernels_available():
         from kernels.fused_preprocess import fused_preprocess
 
         # The tile measured best on an H100 (bench/results/*bench_kernels*: 99% of copy
@@ -387,17 +388,6 @@ def preprocess(
         )
         return xp.from_dlpack(out)
     return preprocess_xp(numeric, codes, kernel, xp)
-
-
-def _fused_kernel_available() -> bool:
-    try:
-        from kernels import fused_preprocess as fp
-    except ImportError:
-        return False
-    try:
-        return bool(fp.is_available())
-    except Exception:  # a broken triton/torch install must not stop scoring: fall back to CuPy
-        return False
 
 
 def preprocess_xp(numeric: Any, codes: Any, kernel: Mapping[str, Any], xp: Any) -> Any:
