@@ -1,10 +1,11 @@
 """Raw columns -> model input matrix on the GPU: the cuDF/CuPy twin of `tasks.numpy_features`.
 
 Data read by cuDF stays on the device: time features come from the datetime column's integer
-microseconds, entity statistics from `searchsorted` on sorted key arrays held on the device,
-category codes from the spec vocabulary (numeric vocabularies by `searchsorted`, strings through a
-categorical cast), and the last step is the fused preprocess kernel (`kernels.fused_preprocess`)
-when it can run, else the same math in CuPy.
+microseconds, entity statistics and numeric category codes from lookups in key arrays held on the
+device (a direct-address table for dense integer keys, else `searchsorted`), string category codes
+from an exact index lookup (a dictionary-encoded column looks up each category once), and the last
+step is the fused preprocess kernel (`kernels.fused_preprocess`) when it can run, else the same
+math in CuPy.
 
 The code is written against two modules chosen at construction, an array module (`numpy` or
 `cupy`) and the frames it is given (pandas or cuDF), so the unit tests run it with pandas + NumPy
@@ -115,18 +116,6 @@ def direct_table(keys: npt.NDArray[Any]) -> tuple[int, npt.NDArray[np.int32]] | 
     return lo, table
 
 
-def string_hashes(series: Any) -> Any:
-    """A 64-bit hash of each string (cuDF: xxhash64 on the device; pandas: its own hash).
-
-    Only compared with hashes of the same backend, so the two need not agree.
-    """
-    if is_cudf(series):
-        return series.hash_values(method="xxhash64").values
-    import pandas
-
-    return pandas.util.hash_pandas_object(series, index=False).to_numpy(np.uint64)
-
-
 def _string_series(keys: Sequence[str], xp: Any) -> Any:
     if xp is np:
         import pandas
@@ -138,58 +127,14 @@ def _string_series(keys: Sequence[str], xp: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class StringHashIndex:
-    """String keys found by hash: sorted 64-bit hashes -> key position, then the string itself
-    compared, so a hash collision with an unseen value never matches."""
-
-    keys: Any  # the keys as a pandas/cuDF string Series, in key order
-    hashes: Any  # sorted hashes (NumPy/CuPy uint64)
-    order: Any  # key position of each sorted hash
-
-    @classmethod
-    def build(cls, keys: Sequence[str], xp: Any) -> StringHashIndex | None:
-        """None when two keys share a hash (then exact `get_indexer` lookups are used)."""
-        series = _string_series(keys, xp)
-        hashes = string_hashes(series)
-        order = xp.argsort(hashes)
-        sorted_hashes = hashes[order]
-        if sorted_hashes.size > 1 and bool((sorted_hashes[1:] == sorted_hashes[:-1]).any()):
-            return None
-        return cls(series, sorted_hashes, order.astype(xp.int64))
-
-    def positions(self, series: Any, xp: Any) -> Any:
-        hashes = string_hashes(series)
-        at = xp.minimum(xp.searchsorted(self.hashes, hashes), self.hashes.size - 1)
-        hit = self.hashes[at] == hashes
-        candidate = xp.where(hit, self.order[at], 0)
-        same = _equal_strings(self.keys, candidate, series, xp)
-        return xp.where(hit & same, candidate, -1).astype(xp.int64)
-
-
-def _equal_strings(keys: Any, candidate: Any, series: Any, xp: Any) -> Any:
-    """keys[candidate[i]] == series[i] for each row; False where series is missing."""
-    if is_cudf(series):
-        import cudf
-
-        taken = keys.take(cudf.Series(candidate)).reset_index(drop=True)
-        equal = taken == series.reset_index(drop=True)
-        return equal.fillna(False).values
-    taken = keys.to_numpy()[np.asarray(candidate)]
-    values = series.to_numpy(dtype=object)
-    present = ~series.isna().to_numpy()
-    return present & (taken == values)
-
-
-@dataclass(frozen=True)
 class KeyIndex:
     """Sorted keys for exact-match lookups: numeric keys on the device (with a direct-address
-    table when they are dense integers), string keys found by hash."""
+    table when they are dense integers), string keys on the host."""
 
     numeric: Any  # NumPy/CuPy array, or None for string keys
     strings: list[str] | None
     direct: Any = None  # int32 positions indexed by key - direct_base, -1 where no key
     direct_base: int = 0
-    hashed: StringHashIndex | None = None
 
     @classmethod
     def build(cls, keys_sorted: Any, xp: Any) -> KeyIndex:
@@ -201,8 +146,7 @@ class KeyIndex:
             return cls(xp.asarray(keys), None, xp.asarray(dense[1]), dense[0])
         if keys.size == 0:
             return cls(xp.asarray(np.zeros(0, np.int64)), None)
-        strings = [str(k) for k in keys]
-        return cls(None, strings, hashed=StringHashIndex.build(strings, xp))
+        return cls(None, [str(k) for k in keys])
 
     @property
     def size(self) -> int:
@@ -244,8 +188,6 @@ class KeyIndex:
         if is_categorical(series):
             return self._categorical_positions(series, xp)
         text = series if series.dtype.kind == "O" else series.astype(str)
-        if self.hashed is not None and self.strings is not None:
-            return self.hashed.positions(text, xp)
         keys = self.strings if self.strings is not None else [str(k) for k in to_host(self.numeric)]
         present = column_values(series.notna(), bool, False)
         if is_cudf(series):
