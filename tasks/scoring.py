@@ -964,7 +964,7 @@ class GpuEngine:
         transform then looks up each distinct value once, not each row)."""
         import pyarrow.parquet as pq
 
-        strings = [c for c in self.spec.raw_categorical if c in columns]
+        strings = [c for c in dictionary_columns(self.spec) if c in columns]
         return pq.read_table(path, columns=columns, read_dictionary=strings).unify_dictionaries()
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
@@ -974,7 +974,7 @@ class GpuEngine:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            strings = [c for c in self.spec.raw_categorical if c in columns]
+            strings = [c for c in dictionary_columns(self.spec) if c in columns]
             try:
                 parquet = pq.ParquetFile(path, read_dictionary=strings)
                 for batch in parquet.iter_batches(batch_size=rows, columns=columns):
@@ -1020,12 +1020,11 @@ class GpuEngine:
         if self.io == "arrow":
             from tasks.gpu_features import to_host_pinned
 
-            host_probs = to_host_pinned(probs)
             table = host_prediction_table(
                 spec.id_column,
                 host_ids(ids),
-                host_probs,
-                (host_probs >= self.bundle.threshold).astype(np.int8),
+                to_host_pinned(probs),
+                to_host_pinned(labels),  # the labels the chunk's positives were counted from
                 self.model_name,
                 self.model_version,
             )
@@ -1344,12 +1343,20 @@ class _Raised:
 
 
 class _FileWriter:
-    """Writes one input file's predictions and manifest entry; runs on the writer thread."""
+    """Writes one input file's predictions and manifest entry on its writer thread (`stripe`, a
+    single-thread executor, so the file's chunks and commit run in order)."""
 
     def __init__(
-        self, engine: Engine, job: ScoringJob, part: InputPartition, started: float, worker: str
+        self,
+        engine: Engine,
+        job: ScoringJob,
+        part: InputPartition,
+        started: float,
+        worker: str,
+        stripe: ThreadPoolExecutor,
     ) -> None:
         self.engine = engine
+        self.stripe = stripe
         self.worker = worker
         self.job = job
         self.part = part
@@ -1445,13 +1452,8 @@ def score_partitions(
     ]
     pending: deque[Future[ManifestEntry | None]] = deque()
     open_files: dict[str, _FileWriter] = {}
-    stripe_of: dict[str, ThreadPoolExecutor] = {}
+    files_opened = 0
     results: list[ManifestEntry] = []
-
-    def writer(path: str) -> ThreadPoolExecutor:
-        if path not in stripe_of:
-            stripe_of[path] = stripes[len(stripe_of) % len(stripes)]
-        return stripe_of[path]
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
@@ -1467,12 +1469,14 @@ def score_partitions(
             path = item.part.path
             fw = open_files.get(path)
             if fw is None:
-                fw = _FileWriter(engine, job, item.part, item.started, worker)
+                stripe = stripes[files_opened % len(stripes)]
+                files_opened += 1
+                fw = _FileWriter(engine, job, item.part, item.started, worker, stripe)
                 open_files[path] = fw
             if isinstance(item, _Bad):
                 del open_files[path]
                 if not fw.failed:
-                    pending.append(writer(path).submit(fw.quarantine, item.reason, item.rows))
+                    pending.append(fw.stripe.submit(fw.quarantine, item.reason, item.rows))
                 continue
             if fw.failed:
                 if item.last:
@@ -1483,15 +1487,15 @@ def score_partitions(
             except DATA_ERRORS as exc:
                 fw.failed = True
                 pending.append(
-                    writer(path).submit(fw.quarantine, error_reason(path, exc), item.rows_in)
+                    fw.stripe.submit(fw.quarantine, error_reason(path, exc), item.rows_in)
                 )
                 if item.last:
                     del open_files[path]
                 continue
-            pending.append(writer(path).submit(fw.write, scored))
+            pending.append(fw.stripe.submit(fw.write, scored))
             if item.last:
                 del open_files[path]
-                pending.append(writer(path).submit(fw.commit, item.rows_in))
+                pending.append(fw.stripe.submit(fw.commit, item.rows_in))
             collect(WRITE_BEHIND * threads)
         collect(0)
     except BaseException:
