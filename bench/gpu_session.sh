@@ -6,6 +6,7 @@
 #   bash bench/gpu_session.sh run        # the whole training pipeline (gpupipe run) on GPU
 #   bash bench/gpu_session.sh multigpu   # 1 vs 2 GPUs: xgboost.dask training and batch scoring
 #   bash bench/gpu_session.sh profile    # per-step GPU scoring profile (after `scoring`)
+#   bash bench/gpu_session.sh profile_batched  # whole files in batches: per-step cost by batch size
 #   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings cold/warm + cProfile
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
@@ -54,6 +55,13 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
   profile)
     part profile_gpu_scoring $py bench/profile_gpu_scoring.py --work /tmp/gpupipe-bench-scoring \
       --files "${PROFILE_FILES:-8}" --out "$out/profile_gpu_scoring.json"
+    ;;
+  profile_batched)  # files per batch: per-step cost, pipelined rate; default / spill / RMM pool
+    part profile_batched $py bench/profile_gpu_batched.py --rows "$rows" --out "$out/profile_batched.json"
+    part profile_batched_spill $py bench/profile_gpu_batched.py --rows "$rows" --spill \
+      --batches 1,8 --pipelined 8 --out "$out/profile_batched_spill.json"
+    part profile_batched_pool $py bench/profile_gpu_batched.py --rows "$rows" --rmm-pool 40GB \
+      --batches 1,8 --pipelined 8 --out "$out/profile_batched_pool.json"
     ;;
   profile_etl)
     part profile_gpu_etl $py bench/profile_gpu_etl.py --rows "$rows" --out "$out/profile_gpu_etl.json"

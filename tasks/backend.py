@@ -55,6 +55,25 @@ def probe_gpu() -> tuple[bool, str]:
     return True, f"{count} CUDA device(s) with cuDF"
 
 
+def use_async_device_memory() -> bool:
+    """Route RMM allocations (cuDF's, in this process) through CUDA's stream-ordered pool
+    (`cudaMallocAsync`) unless a memory resource was already chosen (a dask-cuda worker's RMM
+    settings, or the caller's own). Returns whether it changed the resource.
+
+    With RMM's default resource every cuDF column is a `cudaMalloc` and a synchronizing
+    `cudaFree`: on an H100 that made the scoring transform 2-5x slower per 1M rows
+    (bench/results/2026-11-23_h100_profile_batched*.json). The async pool also hands memory back
+    to the driver, so XGBoost's and PyTorch's own allocators in the same process still find it.
+    """
+    import rmm
+
+    if type(rmm.mr.get_current_device_resource()) is not rmm.mr.CudaMemoryResource:
+        return False
+    rmm.mr.set_current_device_resource(rmm.mr.CudaAsyncMemoryResource())
+    log.info("RMM: cudaMallocAsync memory resource for this process")
+    return True
+
+
 def resolve_backend(choice: DeviceChoice | str) -> Backend:
     """Resolve `auto | cpu | gpu` to a backend; `gpu` without a usable GPU is an error."""
     if choice not in ("auto", "cpu", "gpu"):

@@ -2,8 +2,9 @@
 loads a model bundle once, not once per partition.
 
 Three kinds of cluster: an existing scheduler (`tcp://host:8786`, for many machines), or a local
-one made for the run: `dask_cuda.LocalCUDACluster` (one worker per GPU, RMM pool, cuDF spilling)
-on GPU, `distributed.LocalCluster` (one single-threaded worker process per core) on CPU.
+one made for the run: `dask_cuda.LocalCUDACluster` (one worker per GPU, RMM on cudaMallocAsync or a
+pool, cuDF spilling) on GPU, `distributed.LocalCluster` (one single-threaded worker process per
+core) on CPU.
 """
 
 from __future__ import annotations
@@ -128,6 +129,8 @@ def _local_cuda_cluster(cfg: ClusterConfig) -> Iterator[Any]:
     kwargs: dict[str, Any] = {
         "threads_per_worker": cfg.threads_per_worker,
         "rmm_pool_size": cfg.rmm_pool_size,
+        # a pool (explicit size) or cudaMallocAsync: never a cudaMalloc + cudaFree per column
+        "rmm_async": cfg.rmm_async and cfg.rmm_pool_size is None,
         "enable_cudf_spill": True,
         "dashboard_address": ":0",
         # imported when each worker starts, not inside the first scoring task

@@ -133,7 +133,14 @@ class ClusterConfig(_Strict):
     address: str | None = Field(default=None, description="Existing scheduler; None = local.")
     n_workers: int | None = Field(default=None, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
-    rmm_pool_size: str | None = None
+    rmm_pool_size: str | None = Field(
+        default=None, description="RMM pool per GPU worker (bytes, '24GB' or a fraction)."
+    )
+    rmm_async: bool = Field(
+        default=True,
+        description="GPU workers allocate through CUDA's stream-ordered pool (cudaMallocAsync); "
+        "ignored when rmm_pool_size is set.",
+    )
     device_memory_limit: str | None = "0.8"
 
 

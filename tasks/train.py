@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.backend import Backend
+from tasks.backend import Backend, use_async_device_memory
 from tasks.config import MLPConfig, ModelConfig, XGBoostConfig
 from tasks.etl import EtlOutput
 from tasks.gpu_features import to_host
@@ -70,6 +70,7 @@ def read_split(
     if backend is not None and backend.device == "gpu":
         import cudf
 
+        use_async_device_memory()
         frame = cudf.read_parquet(
             str(etl.features_dir(split)), columns=[*feature_names, target, id_col]
         )

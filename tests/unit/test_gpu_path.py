@@ -114,3 +114,14 @@ def test_auc_standard_error_shrinks_with_more_rows() -> None:
     small = auc_standard_error(0.85, 45, 4455)
     assert 0.015 < small < 0.05
     assert auc_standard_error(0.85, 4500, 445500) < small / 5
+
+
+def test_gpu_etl_leaves_rmm_on_the_async_pool(both_etls) -> None:
+    """After a GPU ETL this process allocates through cudaMallocAsync, and a second call, which
+    finds a resource already chosen, changes nothing."""
+    import rmm
+
+    from tasks.backend import use_async_device_memory
+
+    assert isinstance(rmm.mr.get_current_device_resource(), rmm.mr.CudaAsyncMemoryResource)
+    assert use_async_device_memory() is False
