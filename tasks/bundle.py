@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,11 +12,20 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import numpy.typing as npt
 
-from tasks.etl import Lookups, load_transform
 from tasks.gpu_features import to_host
 from tasks.numpy_features import transform_raw
-from tasks.spec import TransformSpec
-from tasks.train import TRANSFORM_DIR, read_bundle_json
+from tasks.spec import Lookups, TransformSpec, load_transform
+
+BUNDLE_FILE = "bundle.json"
+TRANSFORM_DIR = "transform"
+
+
+def read_bundle_json(bundle_dir: Path) -> dict[str, Any]:
+    path = bundle_dir / BUNDLE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not a gpupipe model bundle")
+    return dict(json.loads(path.read_text()))
+
 
 ScorerKind = Literal["xgboost", "onnx"]
 

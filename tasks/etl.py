@@ -38,7 +38,6 @@ from tasks.numpy_features import (
     TIME_FEATURES_DEFAULT,
     feature_columns,
     kernel_arrays,
-    load_lookup_npz,
     save_lookup_npz,
 )
 from tasks.spec import (
@@ -49,6 +48,10 @@ from tasks.spec import (
     TransformSpec,
 )
 
+# re-exported: callers load a fitted transform from here as well
+from tasks.spec import Lookups as Lookups
+from tasks.spec import load_transform as load_transform
+
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
@@ -57,7 +60,6 @@ FOLD_COLUMN = "__fold"
 SQUARE_COLUMN = "__square"
 TARGET_FOLDS = 5
 STATS_SAMPLE_ROWS = 2_000_000
-Lookups = dict[str, dict[str, npt.NDArray[Any]]]
 
 
 @dataclass(frozen=True)
@@ -576,12 +578,6 @@ def save_transform(spec: TransformSpec, lookups: Lookups, directory: Path) -> No
         for stat in ("count", "mean", "std", "target_rate"):
             frame[entity.stat_column(stat)] = lookup[stat]
         frame.to_parquet(directory / f"{entity.file_stem}.parquet", index=False)
-
-
-def load_transform(directory: Path) -> tuple[TransformSpec, Lookups]:
-    spec = TransformSpec.load(directory)
-    lookups = {e.key: load_lookup_npz(str(directory / e.file)) for e in spec.entities}
-    return spec, lookups
 
 
 def run_etl(

@@ -13,7 +13,7 @@ from typing import Any
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from tasks.numpy_features import ENTITY_STATS, kernel_arrays, raw_column_names
+from tasks.numpy_features import ENTITY_STATS, kernel_arrays, load_lookup_npz, raw_column_names
 
 SPEC_FILE = "transform_spec.json"
 
@@ -128,3 +128,15 @@ class TransformSpec(_Frozen):
         if not path.is_file():
             raise FileNotFoundError(f"{path}: transform spec not found")
         return cls.model_validate(json.loads(path.read_text()))
+
+
+# Entity key -> its lookup arrays (key, count, mean, std, target_rate).
+Lookups = dict[str, dict[str, npt.NDArray[Any]]]
+
+
+def load_transform(directory: Path) -> tuple[TransformSpec, Lookups]:
+    """A fitted transform (spec + entity lookups) as the ETL saved it. Lives here, not in
+    `tasks.etl`, so that scoring workers load a bundle without importing dask.dataframe."""
+    spec = TransformSpec.load(directory)
+    lookups = {e.key: load_lookup_npz(str(directory / e.file)) for e in spec.entities}
+    return spec, lookups

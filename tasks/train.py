@@ -17,6 +17,9 @@ import numpy.typing as npt
 import pandas as pd
 
 from tasks.backend import Backend, use_async_device_memory
+from tasks.bundle import BUNDLE_FILE as BUNDLE_FILE  # re-exported with the bundle's layout
+from tasks.bundle import TRANSFORM_DIR as TRANSFORM_DIR
+from tasks.bundle import read_bundle_json as read_bundle_json
 from tasks.config import MLPConfig, ModelConfig, XGBoostConfig
 from tasks.etl import EtlOutput
 from tasks.gpu_features import to_host
@@ -24,8 +27,6 @@ from tasks.gpu_features import to_host
 log = logging.getLogger(__name__)
 
 ModelKind = Literal["xgboost", "mlp"]
-BUNDLE_FILE = "bundle.json"
-TRANSFORM_DIR = "transform"
 ONNX_FILE = "model.onnx"
 XGB_FILE = "model.ubj"
 MLP_WEIGHTS_FILE = "mlp_weights.npz"
@@ -134,13 +135,6 @@ def copy_transform(etl: EtlOutput, bundle_dir: Path) -> None:
 
 def write_bundle_json(bundle_dir: Path, payload: dict[str, Any]) -> None:
     (bundle_dir / BUNDLE_FILE).write_text(json.dumps(payload, indent=2, sort_keys=True))
-
-
-def read_bundle_json(bundle_dir: Path) -> dict[str, Any]:
-    path = bundle_dir / BUNDLE_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not a gpupipe model bundle")
-    return dict(json.loads(path.read_text()))
 
 
 # ---------------------------------------------------------------- XGBoost
