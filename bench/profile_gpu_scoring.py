@@ -28,6 +28,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench-scoring"))
     p.add_argument("--files", type=int, default=8)
     p.add_argument("--threads", default="1,4,8")
+    p.add_argument(
+        "--batch-rows",
+        default="1,0",
+        help="scoring.batch_rows values for the pipeline: 1 = one file per batch, 0 = GPU default",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -175,36 +180,43 @@ def main() -> None:
             print(f"{key:40} {concurrent[key] / 1e6:8.1f} M rows/s")
             del frames
 
-    # The worker pipeline itself: score_partitions, each I/O mode and number of files in flight.
+    # The worker pipeline itself: score_partitions, each I/O mode, number of files in flight (the
+    # writer stripes in batch mode) and batch size.
     pipeline: dict[str, float] = {}
     parts = [partition_of(f) for f in files]
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-    for io in ("cudf", "arrow"):
-        for threads in [int(t) for t in args.threads.split(",")]:
-            out = tmp / f"pipe-{io}-{threads}"
-            job = ScoringJob(
-                bundle_dir=str(bundle_dirs[0]),
-                model_name="m",
-                model_version=1,
-                scorer="xgboost",
-                device="gpu",
-                output_dir=str(out),
-                partition_rows=10**9,
-                io_threads=threads,
-                gpu_io=io,  # type: ignore[arg-type]
-            )
-            engine = load_engine(job, threads=1)
-            score_partitions(engine, job, parts[:1])  # warm
-            shutil.rmtree(out, ignore_errors=True)
-            sync()
-            t = time.perf_counter()
-            entries = score_partitions(engine, job, parts)
-            sync()
-            secs = time.perf_counter() - t
-            assert sum(e.rows_scored for e in entries) == total, entries
-            key = f"score_partitions io={io} files_in_flight={threads}"
-            pipeline[key] = total / secs
-            print(f"{key:40} {pipeline[key] / 1e6:8.1f} M rows/s")
+    runs = [
+        (io, int(threads), int(batch_rows))
+        for io in ("cudf", "arrow")
+        for threads in args.threads.split(",")
+        for batch_rows in args.batch_rows.split(",")
+    ]
+    for io, threads, batch_rows in runs:
+        out = tmp / f"pipe-{io}-{threads}-{batch_rows}"
+        job = ScoringJob(
+            bundle_dir=str(bundle_dirs[0]),
+            model_name="m",
+            model_version=1,
+            scorer="xgboost",
+            device="gpu",
+            output_dir=str(out),
+            partition_rows=10**9,
+            io_threads=threads,
+            gpu_io=io,  # type: ignore[arg-type]
+            batch_rows=batch_rows,
+        )
+        engine = load_engine(job, threads=1)
+        score_partitions(engine, job, parts[:1])  # warm
+        shutil.rmtree(out, ignore_errors=True)
+        sync()
+        t = time.perf_counter()
+        entries = score_partitions(engine, job, parts)
+        sync()
+        secs = time.perf_counter() - t
+        assert sum(e.rows_scored for e in entries) == total, entries
+        key = f"score_partitions io={io} files_in_flight={threads} batch_rows={batch_rows}"
+        pipeline[key] = total / secs
+        print(f"{key:60} {pipeline[key] / 1e6:8.1f} M rows/s")
     if args.out:
         args.out.write_text(
             json.dumps(

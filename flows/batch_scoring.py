@@ -231,6 +231,7 @@ def batch_scoring(
                 run_id=run_id,
                 io_threads=cfg.scoring.io_threads,
                 gpu_io=cfg.scoring.gpu_io,
+                batch_rows=cfg.scoring.batch_rows,
             )
             result = score_partitions_task(
                 job, todo, cluster, cfg.cluster, cfg.scoring.files_per_task

@@ -127,6 +127,13 @@ class ScoringConfig(_Strict):
         description="GPU workers: decode and encode parquet on the GPU (cudf) or on the worker's "
         "CPU threads with pyarrow, moving only columns across PCIe (arrow).",
     )
+    batch_rows: int = Field(
+        default=0,
+        ge=0,
+        description="Whole files read, scored and written together on a worker, up to about "
+        "this many rows per batch; 0 = automatic: off (1 file at a time) on CPU, "
+        "GPU_BATCH_ROWS (tasks/scoring.py) on GPU.",
+    )
 
 
 class ClusterConfig(_Strict):

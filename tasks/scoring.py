@@ -17,6 +17,11 @@ Layout of the output directory:
 Workers score a group of files in a three-stage pipeline (read ahead, score, write behind) so that
 reading, predicting and writing overlap. On GPU the data stays on the device from the parquet read
 to the prediction (cuDF -> `tasks.gpu_features` -> XGBoost on CuPy).
+
+In batch mode (`ScoringJob.rows_per_batch`, on by default on GPU) consecutive whole files are read
+with one engine call, scored as one frame and written with one engine call, each file still to its
+own predictions file and manifest entry: on a GPU the fixed cost of each read, transform and write
+call, not the rows, dominates for files of a million rows.
 """
 
 from __future__ import annotations
@@ -38,7 +43,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import accumulate, pairwise
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -93,11 +100,19 @@ GROUPS_PER_WORKER = 8
 READ_AHEAD = 1
 WRITE_BEHIND = 2
 GPU_IO_THREADS = 4
+# Rows a GPU worker reads, scores and writes in one batch of whole files: a few 1M-row files per
+# call spread the per-call costs (cuDF read 44 ms, features 27 ms per 1M-row file on an H100),
+# while the raw batch stays well under a GB of device memory.
+GPU_BATCH_ROWS = 8_000_000
 OUTPUT_COMPRESSION = "snappy"
 # Parquet dictionary encoding only where it pays: the few-valued columns. Ids are unique and
 # scores nearly so; a dictionary for them is built, overflows, and is abandoned (about 40% of the
 # CPU writer's time for nothing).
 OUTPUT_DICTIONARY_COLUMNS = [LABEL_COLUMN, MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN]
+# pyarrow's parquet writer options for a predictions file, streamed or written whole.
+ARROW_WRITE_OPTIONS: Mapping[str, Any] = MappingProxyType(
+    {"compression": OUTPUT_COMPRESSION, "use_dictionary": OUTPUT_DICTIONARY_COLUMNS}
+)
 _OUTPUT_NAME = re.compile(r"^.+-[0-9a-f]{16}-.+-v\d+\.parquet$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Exceptions that mean "this partition's data cannot be scored" (quarantine it) rather than a bug
@@ -133,6 +148,7 @@ class ScoringJob(_Frozen):
     run_id: str = ""
     io_threads: int = 0
     gpu_io: Literal["cudf", "arrow"] = "arrow"
+    batch_rows: int = 0
 
     @property
     def file_threads(self) -> int:
@@ -141,6 +157,21 @@ class ScoringJob(_Frozen):
         if self.io_threads:
             return self.io_threads
         return GPU_IO_THREADS if self.device == "gpu" else 1
+
+    @property
+    def rows_per_batch(self) -> int:
+        """Rows of whole files read, scored and written together; 0 = one file at a time. On by
+        default on a GPU, where per-call costs dominate; a CPU's cost is per row, so off there."""
+        if self.batch_rows:
+            return self.batch_rows
+        return GPU_BATCH_ROWS if self.device == "gpu" else 0
+
+    @property
+    def files_in_flight(self) -> int:
+        """Files a worker's pipeline holds at once: `file_threads`, or a batch's worth."""
+        if self.rows_per_batch <= 0:
+            return self.file_threads
+        return max(self.file_threads, files_per_batch(self.rows_per_batch, self.partition_rows))
 
 
 class ManifestEntry(_Frozen):
@@ -225,12 +256,19 @@ def plan_partitions(
     return todo, done
 
 
+def files_per_batch(rows_per_batch: int, partition_rows: int) -> int:
+    """Files in a batch, estimated before any file is opened: files of up to `partition_rows`
+    rows join batches whole, so a batch holds at least this many of the largest such files."""
+    return max(1, rows_per_batch // max(1, partition_rows))
+
+
 def group_count(
     n_parts: int, n_workers: int, files_per_task: int = 0, files_in_flight: int = 1
 ) -> int:
     """Dask tasks for `n_parts` files: `files_per_task` each if set, else GROUPS_PER_WORKER per
     worker (never more tasks than files), with at least 2 x `files_in_flight` files per task so
-    that a worker reading several files at once has a full pipeline, not a restart per task."""
+    that a worker reading several files at once (or a batch of files: `ScoringJob.files_in_flight`)
+    has a full pipeline, not a restart per task."""
     if n_parts <= 0:
         return 0
     if files_per_task > 0:
@@ -737,14 +775,30 @@ def write_run_summary(output_dir: str | Path, summary: Mapping[str, Any]) -> Pat
 
 
 @dataclass
-class ScoredChunk:
-    """One chunk's predictions (a pyarrow Table or cuDF frame) and its statistics."""
+class ChunkStats:
+    """What one chunk (or one file of a batch) adds to its file's manifest entry."""
 
-    table: Any
     rows: int
     positives: int
     score_counts: npt.NDArray[np.int64]
     drift_counts: Counts
+
+
+@dataclass
+class ScoredChunk:
+    """One chunk's predictions (a pyarrow Table or cuDF frame) and its statistics."""
+
+    table: Any
+    stats: ChunkStats
+
+
+@dataclass
+class ScoredBatch:
+    """Predictions of consecutive files scored as one frame: one table for all their rows, the
+    statistics of each file (rows offsets[i]:offsets[i + 1] of the table)."""
+
+    table: Any
+    files: list[ChunkStats]
 
 
 class Sink(Protocol):
@@ -763,8 +817,20 @@ class Engine(Protocol):
     def read_chunks(
         self, path: Path, columns: list[str], rows: int, total: int
     ) -> Iterator[Any]: ...
+    def read_many(self, paths: list[Path], columns: list[str]) -> Any:
+        """All rows of several parquet files, in order, as one frame; DataError if any fails."""
+        ...
+
     def score(self, frame: Any) -> ScoredChunk: ...
+    def score_batch(self, frame: Any, offsets: Sequence[int]) -> ScoredBatch:
+        """One transform and predict for a frame of several files (rows offsets[i]:offsets[i+1]
+        are file i), with each file's statistics."""
+        ...
+
     def open_sink(self, tmp_path: Path) -> Sink: ...
+    def write_batch(self, table: Any, offsets: Sequence[int], paths: list[Path]) -> None:
+        """Rows offsets[i]:offsets[i+1] of a `score_batch` table to paths[i], each a whole file."""
+        ...
 
 
 def read_csv_checked(path: Path, columns: list[str], roles: ColumnRoles) -> Any:
@@ -789,6 +855,66 @@ def _chunk_stats(matrix: Any, probs: Any, labels: Any, spec: TransformSpec) -> t
     # labels binned at 1: the second bin counts the positives
     score_counts, label_counts = matrix_bin_counts(outcome, [SCORE_BIN_EDGES, [1.0]])
     return int(label_counts[1]), score_counts, drift
+
+
+def segment_stats(
+    matrix: Any, probs: Any, labels: Any, spec: TransformSpec, offsets: Sequence[int]
+) -> list[ChunkStats]:
+    """`_chunk_stats` of each file of a batch: rows offsets[i]:offsets[i + 1].
+
+    Raises:
+        ScoringError: offsets that do not cover the rows exactly, in order (a bug, not data).
+    """
+    n = len(probs)
+    covered = bool(offsets) and offsets[0] == 0 and offsets[-1] == n
+    if not covered or any(b < a for a, b in pairwise(offsets)):
+        raise ScoringError(f"batch offsets {list(offsets)[:5]}... do not cover its {n} rows")
+    stats = []
+    for a, b in pairwise(offsets):
+        positives, score_counts, drift = _chunk_stats(matrix[a:b], probs[a:b], labels[a:b], spec)
+        stats.append(ChunkStats(b - a, positives, score_counts, drift))
+    return stats
+
+
+def _only_file(batch: ScoredBatch) -> ScoredChunk:
+    (stats,) = batch.files
+    return ScoredChunk(batch.table, stats)
+
+
+def read_arrow_tables(paths: Sequence[Path], columns: list[str], dictionary: list[str]) -> Any:
+    """Parquet files as one pyarrow Table, in order, the `dictionary` columns dictionary-encoded
+    (one dictionary for all files, so they convert to one categorical or device dictionary).
+
+    Raises:
+        DataError: naming the file that cannot be read, or the files whose schemas do not match.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in paths:
+        try:
+            tables.append(pq.read_table(path, columns=columns, read_dictionary=dictionary))
+        except (MemoryError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            raise _unreadable(path, exc) from exc
+    try:
+        # permissive: an int column in one file and a float column in another become float, as
+        # pandas makes them when the rows of both meet in one frame
+        return pa.concat_tables(tables, promote_options="permissive").unify_dictionaries()
+    except (pa.ArrowException, ValueError, TypeError) as exc:
+        raise DataError(
+            f"{paths[0]} and {len(paths) - 1} more: cannot be read as one table: {exc}"
+        ) from exc
+
+
+def write_arrow_segments(table: Any, offsets: Sequence[int], paths: Sequence[Path]) -> None:
+    """Rows offsets[i]:offsets[i + 1] of a pyarrow Table to paths[i], as `ArrowSink` writes."""
+    import pyarrow.parquet as pq
+
+    for (a, b), path in zip(pairwise(offsets), paths, strict=True):
+        pq.write_table(table.slice(a, b - a), path, **ARROW_WRITE_OPTIONS)
 
 
 def dictionary_columns(spec: TransformSpec) -> list[str]:
@@ -857,10 +983,18 @@ class CpuEngine:
         except (OSError, pa.ArrowException) as exc:
             raise _unreadable(path, exc) from exc
 
+    def read_many(self, paths: list[Path], columns: list[str]) -> Any:
+        # one Arrow table, then one pandas conversion: categoricals of different files would
+        # turn into object columns if concatenated as pandas frames
+        dictionary = [c for c in dictionary_columns(self.spec) if c in columns]
+        return read_arrow_tables(paths, columns, dictionary).to_pandas()
+
     def score(self, frame: Any) -> ScoredChunk:
+        return _only_file(self.score_batch(frame, [0, len(frame)]))
+
+    def score_batch(self, frame: Any, offsets: Sequence[int]) -> ScoredBatch:
         spec = self.spec
-        n = len(frame)
-        if n:
+        if len(frame):
             raw = raw_columns(frame, spec.raw_columns)
             matrix = transform_raw(raw, self.bundle.spec_dict, self.bundle.lookups)
             probs = np.asarray(self.bundle.scorer.predict_proba(matrix), np.float32).reshape(-1)
@@ -868,9 +1002,8 @@ class CpuEngine:
             matrix = np.zeros((0, len(spec.feature_names)), np.float32)
             probs = np.zeros(0, np.float32)
         labels = (probs >= self.bundle.threshold).astype(np.int8)
-        positives, score_counts, drift = _chunk_stats(matrix, probs, labels, spec)
-        table = self._table(frame[spec.id_column], probs, labels)
-        return ScoredChunk(table, n, positives, score_counts, drift)
+        stats = segment_stats(matrix, probs, labels, spec, offsets)
+        return ScoredBatch(self._table(frame[spec.id_column], probs, labels), stats)
 
     def _table(self, ids: Any, probs: Any, labels: Any) -> Any:
         import pyarrow as pa
@@ -887,6 +1020,9 @@ class CpuEngine:
     def open_sink(self, tmp_path: Path) -> Sink:
         return ArrowSink(tmp_path)
 
+    def write_batch(self, table: Any, offsets: Sequence[int], paths: list[Path]) -> None:
+        write_arrow_segments(table, offsets, paths)
+
 
 class ArrowSink:
     """Streams chunks into one parquet file with pyarrow (one row group per chunk)."""
@@ -901,12 +1037,7 @@ class ArrowSink:
 
         if self._writer is None:
             self._schema = table.schema
-            self._writer = pq.ParquetWriter(
-                self.path,
-                table.schema,
-                compression=OUTPUT_COMPRESSION,
-                use_dictionary=OUTPUT_DICTIONARY_COLUMNS,
-            )
+            self._writer = pq.ParquetWriter(self.path, table.schema, **ARROW_WRITE_OPTIONS)
         elif table.schema != self._schema:
             # e.g. an id column read as int64 in one chunk and as float64 (nulls) in another
             table = table.cast(self._schema)
@@ -952,20 +1083,34 @@ class GpuEngine:
             return cudf.from_pandas(read_csv_checked(path, columns, roles))
         try:
             if self.io == "arrow":
-                return cudf.DataFrame.from_arrow(self._read_arrow(path, columns))
+                return cudf.DataFrame.from_arrow(self._read_arrow([path], columns))
             return cudf.read_parquet(str(path), columns=columns)
-        except (MemoryError, KeyboardInterrupt):
+        except (MemoryError, KeyboardInterrupt, DataError):
             raise
         except Exception as exc:  # cuDF raises many types for corrupt files
             raise _unreadable(path, exc) from exc
 
-    def _read_arrow(self, path: Path, columns: list[str]) -> Any:
+    def read_many(self, paths: list[Path], columns: list[str]) -> Any:
+        import cudf
+
+        try:
+            if self.io == "arrow":
+                return cudf.DataFrame.from_arrow(self._read_arrow(paths, columns))
+            # one call: cuDF reads the files' pages in parallel, one kernel launch per column
+            return cudf.read_parquet([str(p) for p in paths], columns=columns)
+        except (MemoryError, KeyboardInterrupt, DataError):
+            raise
+        except Exception as exc:
+            raise DataError(
+                f"{paths[0]} and {len(paths) - 1} more: unreadable as one batch: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _read_arrow(self, paths: list[Path], columns: list[str]) -> Any:
         """Parquet decoded on this thread's CPU, string categories kept dictionary-encoded (the
         transform then looks up each distinct value once, not each row)."""
-        import pyarrow.parquet as pq
-
         strings = [c for c in dictionary_columns(self.spec) if c in columns]
-        return pq.read_table(path, columns=columns, read_dictionary=strings).unify_dictionaries()
+        return read_arrow_tables(paths, columns, strings)
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
         import cudf
@@ -1004,18 +1149,20 @@ class GpuEngine:
         return cupy.asarray(scorer.predict_proba(cupy.asnumpy(matrix)), cupy.float32)
 
     def score(self, frame: Any) -> ScoredChunk:
+        return _only_file(self.score_batch(frame, [0, len(frame)]))
+
+    def score_batch(self, frame: Any, offsets: Sequence[int]) -> ScoredBatch:
         import cupy
 
         spec = self.spec
-        n = len(frame)
-        if n:
+        if len(frame):
             matrix = self.transform.matrix(frame)
             probs = self._predict(matrix)
         else:
             matrix = cupy.zeros((0, len(spec.feature_names)), cupy.float32)
             probs = cupy.zeros(0, cupy.float32)
         labels = (probs >= self.bundle.threshold).astype(cupy.int8)
-        positives, score_counts, drift = _chunk_stats(matrix, probs, labels, spec)
+        stats = segment_stats(matrix, probs, labels, spec, offsets)
         ids = frame[spec.id_column].reset_index(drop=True)
         if self.io == "arrow":
             from tasks.gpu_features import to_host_pinned
@@ -1024,13 +1171,13 @@ class GpuEngine:
                 spec.id_column,
                 host_ids(ids),
                 to_host_pinned(probs),
-                to_host_pinned(labels),  # the labels the chunk's positives were counted from
+                to_host_pinned(labels),  # the labels the positives were counted from
                 self.model_name,
                 self.model_version,
             )
         else:
             table = self._device_table(ids, probs, labels)
-        return ScoredChunk(table, n, positives, score_counts, drift)
+        return ScoredBatch(table, stats)
 
     def _device_table(self, ids: Any, probs: Any, labels: Any) -> Any:
         import cudf
@@ -1049,6 +1196,18 @@ class GpuEngine:
 
     def open_sink(self, tmp_path: Path) -> Sink:
         return ArrowSink(tmp_path) if self.io == "arrow" else CudfSink(tmp_path)
+
+    def write_batch(self, table: Any, offsets: Sequence[int], paths: list[Path]) -> None:
+        if self.io == "arrow":
+            write_arrow_segments(table, offsets, paths)
+            return
+        # one call: cuDF encodes every file's pages together on the device
+        table.to_parquet(
+            [str(p) for p in paths],
+            partition_offsets=list(offsets),
+            index=False,
+            compression=OUTPUT_COMPRESSION,
+        )
 
 
 def host_ids(ids: Any) -> Any:
@@ -1163,7 +1322,18 @@ class _Done:
     entry: ManifestEntry
 
 
-_Item = _Chunk | _Bad | _Done
+@dataclass
+class _Batch:
+    """Consecutive whole files read as one frame that passed their checks: file i is rows
+    offsets[i]:offsets[i + 1]."""
+
+    parts: list[InputPartition]
+    frame: Any
+    offsets: list[int]
+    started: float
+
+
+_Item = _Chunk | _Bad | _Done | _Batch
 
 
 def _rows_or_zero(path: Path, fmt: str) -> int:
@@ -1171,6 +1341,30 @@ def _rows_or_zero(path: Path, fmt: str) -> int:
         return count_rows(path, fmt)
     except (DataError, OSError, ValueError):
         return 0  # unreadable: the row count is unknown
+
+
+def _checked_schema(
+    path: Path, declared: str, roles: ColumnRoles
+) -> tuple[TableFormat, Any, str | None]:
+    """A file's format, its schema (an empty frame) and why it cannot be scored, or None: the
+    checks that read no data."""
+    fmt: TableFormat = "parquet"
+    try:
+        fmt = table_format(path, declared)
+        schema = peek_schema(path, fmt)
+    except DataError as exc:
+        return fmt, None, str(exc)
+    problems = dtype_problems(schema, roles, path)
+    return fmt, schema, "; ".join(problems) if problems else None
+
+
+def _done(job: ScoringJob, part: InputPartition) -> _Done | None:
+    """The file's manifest entry if an earlier attempt of this task committed it (on a worker
+    that died afterwards)."""
+    existing = read_entry(job.output_dir, part.path)
+    if existing is not None and is_current(existing, part, job.model_name, job.model_version):
+        return _Done(existing)
+    return None
 
 
 def read_partition(
@@ -1183,16 +1377,9 @@ def read_partition(
     """
     started = time.perf_counter()
     path = Path(part.path)
-    fmt: TableFormat = "parquet"
-    try:
-        fmt = table_format(path, job.data_format)
-        schema = peek_schema(path, fmt)
-    except DataError as exc:
-        yield _Bad(part, str(exc), _rows_or_zero(path, fmt), started)
-        return
-    problems = dtype_problems(schema, roles, path)
-    if problems:
-        yield _Bad(part, "; ".join(problems), _rows_or_zero(path, fmt), started)
+    fmt, _, problem = _checked_schema(path, job.data_format, roles)
+    if problem is not None:
+        yield _Bad(part, problem, _rows_or_zero(path, fmt), started)
         return
     columns = roles.columns
     total = _rows_or_zero(path, fmt) if fmt == "parquet" else None
@@ -1228,11 +1415,9 @@ def _read_items(
     engine: Engine, job: ScoringJob, parts: Sequence[InputPartition], roles: ColumnRoles
 ) -> Iterator[_Item]:
     for part in parts:
-        existing = read_entry(job.output_dir, part.path)
-        if is_current(existing, part, job.model_name, job.model_version):
-            # done by an earlier attempt of this task, on a worker that died afterwards
-            assert existing is not None
-            yield _Done(existing)
+        done = _done(job, part)
+        if done is not None:
+            yield done
             continue
         yield from read_partition(engine, job, part, roles)
 
@@ -1286,6 +1471,126 @@ def read_items_parallel(
                 yield from items
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+@dataclass
+class _Member:
+    """A file planned into a batch: its row count (footer) and the dtype its ids declare."""
+
+    part: InputPartition
+    rows: int
+    id_dtype: Any
+
+
+def _batch_member(
+    job: ScoringJob, part: InputPartition, roles: ColumnRoles, started: float
+) -> _Member | _Bad | None:
+    """The file as a batch member; its `_Bad` when a check that reads no data fails; None for a
+    file that `read_partition` reads on its own (CSV, empty, larger than one chunk)."""
+    path = Path(part.path)
+    fmt, schema, problem = _checked_schema(path, job.data_format, roles)
+    if problem is not None:
+        return _Bad(part, problem, _rows_or_zero(path, fmt), started)
+    if fmt != "parquet":
+        return None
+    rows = _rows_or_zero(path, fmt)
+    if not 0 < rows <= job.partition_rows:
+        return None
+    return _Member(part, rows, schema[roles.of("id")[0]].dtype)
+
+
+def _ids_widened(read: Any, declared: Any) -> bool:
+    """Whether integer ids came out as floats: pandas reads an integer column that holds nulls
+    as float64, so one file's null ids would give every file of its batch float ids (and lose
+    the digits of ids above 2**53). cuDF keeps nullable integers."""
+    return getattr(declared, "kind", None) in ("i", "u") and getattr(read, "kind", None) == "f"
+
+
+def _read_batch(
+    engine: Engine, job: ScoringJob, members: Sequence[_Member], roles: ColumnRoles
+) -> Iterator[_Item]:
+    """Read a batch's files with one engine call and check each file's ids: one `_Batch`, or,
+    when a file fails, its `_Bad` and a `_Chunk` for each other file (in order).
+
+    A batch that cannot be read as one (a corrupt page, schemas that do not combine) or whose ids
+    changed type is read again file by file, so that each file is scored or quarantined exactly
+    as it would be on its own.
+    """
+    started = time.perf_counter()
+    parts = [m.part for m in members]
+    offsets = list(accumulate((m.rows for m in members), initial=0))
+    id_col = roles.of("id")[0]
+    frame = None
+    try:
+        frame = engine.read_many([Path(p.path) for p in parts], roles.columns)
+    except (MemoryError, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        log.info("%d file(s) from %s read one by one: %s", len(parts), parts[0].path, exc)
+    if (
+        frame is None
+        or len(frame) != offsets[-1]
+        or _ids_widened(frame[id_col].dtype, members[0].id_dtype)
+    ):
+        frame = None  # not held while the files are read again
+        for part in parts:
+            yield from read_partition(engine, job, part, roles)
+        return
+    ids = frame[id_col]
+    if not bool(ids.isna().any()) and not bool(ids.duplicated().any()):
+        yield _Batch(parts, frame, offsets, started)
+        return
+    # Missing or repeated ids somewhere: check each file's own (ids may repeat across files).
+    pieces = [frame.iloc[a:b] for a, b in pairwise(offsets)]
+    problems = [
+        value_problems(piece, roles, Path(part.path), unique_ids=True)
+        for part, piece in zip(parts, pieces, strict=True)
+    ]
+    if not any(problems):
+        yield _Batch(parts, frame, offsets, started)
+        return
+    for member, piece, found in zip(members, pieces, problems, strict=True):
+        if found:
+            yield _Bad(member.part, "; ".join(found), member.rows, started)
+        else:
+            yield _Chunk(member.part, piece, member.rows, True, started)
+
+
+def read_items_batched(
+    engine: Engine, job: ScoringJob, parts: Sequence[InputPartition], roles: ColumnRoles
+) -> Iterator[_Item]:
+    """The items of `parts`, consecutive whole files read together about `job.rows_per_batch`
+    rows at a time.
+
+    A batch holds parquet files of 1 to `partition_rows` rows whose ids declare one type. Files
+    already done, or found bad without reading data, are yielded at once (ahead of the batch
+    being planned); the others (CSV, empty, larger than one chunk) go through `read_partition`
+    after the batch before them is read, so their rows stream in order.
+    """
+    batch: list[_Member] = []
+    rows = 0
+    for part in parts:
+        done = _done(job, part)
+        if done is not None:
+            yield done
+            continue
+        member = _batch_member(job, part, roles, time.perf_counter())
+        if isinstance(member, _Bad):
+            yield member
+            continue
+        if batch and (member is None or member.id_dtype != batch[0].id_dtype):
+            yield from _read_batch(engine, job, batch, roles)
+            batch, rows = [], 0
+        if member is None:
+            yield from read_partition(engine, job, part, roles)
+            continue
+        batch.append(member)
+        rows += member.rows
+        if rows >= job.rows_per_batch:
+            yield from _read_batch(engine, job, batch, roles)
+            batch, rows = [], 0
+    if batch:
+        yield from _read_batch(engine, job, batch, roles)
 
 
 _END = object()
@@ -1344,7 +1649,8 @@ class _Raised:
 
 class _FileWriter:
     """Writes one input file's predictions and manifest entry on its writer thread (`stripe`, a
-    single-thread executor, so the file's chunks and commit run in order)."""
+    single-thread executor, so the file's chunks and commit run in order). In batch mode the
+    engine writes the whole file to `tmp` itself (`add_written`) and this commits it."""
 
     def __init__(
         self,
@@ -1384,10 +1690,14 @@ class _FileWriter:
             self.write_error = error_reason(self.part.path, exc)
             self.abort()
             return
-        self.rows += chunk.rows
-        self.positives += chunk.positives
-        self.score_counts += chunk.score_counts
-        merge_counts(self.drift, chunk.drift_counts)
+        self.add_written(chunk.stats)
+
+    def add_written(self, stats: ChunkStats) -> None:
+        """Count predictions now in `tmp`: written by this writer's sink, or by the engine."""
+        self.rows += stats.rows
+        self.positives += stats.positives
+        self.score_counts += stats.score_counts
+        merge_counts(self.drift, stats.drift_counts)
 
     def commit(self, rows_in: int) -> ManifestEntry:
         if self.write_error is not None:
@@ -1397,8 +1707,8 @@ class _FileWriter:
             raise ScoringError(
                 f"{self.part.path}: {self.rows} rows scored but {rows_in} rows read; not committing"
             )
-        assert self.sink is not None
-        self.sink.close()
+        if self.sink is not None:  # None when the engine wrote `tmp` whole (batch mode)
+            self.sink.close()
         final = self.out_dir / self.name
         os.replace(self.tmp, final)
         entry = scored_entry(
@@ -1437,65 +1747,125 @@ class _FileWriter:
         self.tmp.unlink(missing_ok=True)
 
 
+def commit_batch(
+    writers: Sequence[_FileWriter], scored: ScoredBatch, offsets: Sequence[int]
+) -> list[ManifestEntry]:
+    """On a writer stripe: a batch's predictions files with one engine call, then each file's
+    commit (rename, manifest entry) in order.
+
+    A write that fails on the data quarantines every file of the batch (which file's rows broke
+    it is unknown); any other failure removes the batch's temporary files and is raised.
+    """
+    engine = writers[0].engine
+    try:
+        writers[0].out_dir.mkdir(parents=True, exist_ok=True)
+        engine.write_batch(scored.table, offsets, [w.tmp for w in writers])
+    except DATA_ERRORS as exc:
+        return [
+            w.quarantine(error_reason(w.part.path, exc), stats.rows)
+            for w, stats in zip(writers, scored.files, strict=True)
+        ]
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    entries = []
+    try:
+        for w, stats, (a, b) in zip(writers, scored.files, pairwise(offsets), strict=True):
+            w.add_written(stats)
+            entries.append(w.commit(b - a))
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    return entries
+
+
 def score_partitions(
     engine: Engine, job: ScoringJob, parts: Sequence[InputPartition], worker: str = ""
 ) -> list[ManifestEntry]:
     """Score input files in order with reading, scoring and writing overlapped; one manifest
-    entry per file, in input order."""
+    entry per file, in input order. With `job.rows_per_batch` set, whole files are read, scored
+    and written in batches (a file that breaks its batch's scoring is then scored on its own)."""
     roles = scoring_roles(engine.spec)
     threads = job.file_threads
-    reader = _ReadAhead(read_items_parallel(engine, job, parts, roles, threads), READ_AHEAD)
+    if job.rows_per_batch > 0:
+        # batches one after another: a multi-file read is parallel inside the engine
+        items = read_items_batched(engine, job, parts, roles)
+    else:
+        items = read_items_parallel(engine, job, parts, roles, threads)
+    reader = _ReadAhead(items, READ_AHEAD)
     # one single-thread writer per stripe: a file's chunks and commit stay in order on its stripe
     stripes = [
         ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gpupipe-write-{i}")
         for i in range(threads)
     ]
-    pending: deque[Future[ManifestEntry | None]] = deque()
+    pending: deque[Future[ManifestEntry | list[ManifestEntry] | None]] = deque()
     open_files: dict[str, _FileWriter] = {}
     files_opened = 0
     results: list[ManifestEntry] = []
 
     def collect(limit: int) -> None:
         while len(pending) > limit:
-            entry = pending.popleft().result()
-            if entry is not None:
-                results.append(entry)
+            done = pending.popleft().result()
+            if isinstance(done, ManifestEntry):
+                results.append(done)
+            elif done:
+                results.extend(done)
+
+    def next_stripe() -> ThreadPoolExecutor:
+        nonlocal files_opened
+        files_opened += 1
+        return stripes[(files_opened - 1) % len(stripes)]
+
+    def handle(item: _Chunk | _Bad) -> None:
+        path = item.part.path
+        fw = open_files.get(path)
+        if fw is None:
+            fw = _FileWriter(engine, job, item.part, item.started, worker, next_stripe())
+            open_files[path] = fw
+        if isinstance(item, _Bad):
+            del open_files[path]
+            if not fw.failed:
+                pending.append(fw.stripe.submit(fw.quarantine, item.reason, item.rows))
+            return
+        if fw.failed:
+            if item.last:
+                del open_files[path]
+            return
+        try:
+            scored = engine.score(item.frame)
+        except DATA_ERRORS as exc:
+            fw.failed = True
+            pending.append(fw.stripe.submit(fw.quarantine, error_reason(path, exc), item.rows_in))
+            if item.last:
+                del open_files[path]
+            return
+        pending.append(fw.stripe.submit(fw.write, scored))
+        if item.last:
+            del open_files[path]
+            pending.append(fw.stripe.submit(fw.commit, item.rows_in))
+
+    def handle_batch(item: _Batch) -> None:
+        try:
+            scored = engine.score_batch(item.frame, item.offsets)
+        except DATA_ERRORS:
+            # some file's values break scoring: score file by file, quarantining only that one
+            for part, (a, b) in zip(item.parts, pairwise(item.offsets), strict=True):
+                handle(_Chunk(part, item.frame.iloc[a:b], b - a, True, item.started))
+            return
+        stripe = next_stripe()
+        writers = [_FileWriter(engine, job, p, item.started, worker, stripe) for p in item.parts]
+        pending.append(stripe.submit(commit_batch, writers, scored, item.offsets))
 
     try:
         for item in reader:
             if isinstance(item, _Done):
                 results.append(item.entry)
-                continue
-            path = item.part.path
-            fw = open_files.get(path)
-            if fw is None:
-                stripe = stripes[files_opened % len(stripes)]
-                files_opened += 1
-                fw = _FileWriter(engine, job, item.part, item.started, worker, stripe)
-                open_files[path] = fw
-            if isinstance(item, _Bad):
-                del open_files[path]
-                if not fw.failed:
-                    pending.append(fw.stripe.submit(fw.quarantine, item.reason, item.rows))
-                continue
-            if fw.failed:
-                if item.last:
-                    del open_files[path]
-                continue
-            try:
-                scored = engine.score(item.frame)
-            except DATA_ERRORS as exc:
-                fw.failed = True
-                pending.append(
-                    fw.stripe.submit(fw.quarantine, error_reason(path, exc), item.rows_in)
-                )
-                if item.last:
-                    del open_files[path]
-                continue
-            pending.append(fw.stripe.submit(fw.write, scored))
-            if item.last:
-                del open_files[path]
-                pending.append(fw.stripe.submit(fw.commit, item.rows_in))
+            elif isinstance(item, _Batch):
+                handle_batch(item)
+            else:
+                handle(item)
             collect(WRITE_BEHIND * threads)
         collect(0)
     except BaseException:
@@ -1551,7 +1921,7 @@ def run_on_cluster(
 
     workers = worker_count(client)
     groups = group_partitions(
-        todo, group_count(len(todo), workers, files_per_task, job.file_threads)
+        todo, group_count(len(todo), workers, files_per_task, job.files_in_flight)
     )
     log.info(
         "scoring %d file(s) in %d dask task(s) on %d worker(s)", len(todo), len(groups), workers

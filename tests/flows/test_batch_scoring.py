@@ -265,8 +265,18 @@ def mixed_inputs(scoring_setup: ScoringSetup, tmp_path_factory: pytest.TempPathF
     return d, pd.concat([good, base.iloc[2000:3000]], ignore_index=True)
 
 
+# batch_rows 2500, all files in one task: duplicate-ids.parquet is read with good-1, good-2 on
+# its own (the missing and mistyped columns are found without reading), null-ids (float ids) alone
+BATCHED = {"scoring.batch_rows": 2500, "scoring.files_per_task": 7}
+
+
+@pytest.mark.parametrize("batching", [{}, BATCHED], ids=["file-by-file", "batched"])
 def test_bad_partitions_are_quarantined_and_accounting_holds(
-    scoring_setup: ScoringSetup, mixed_inputs, dask_address: str, tmp_path: Path
+    batching: dict[str, int],
+    scoring_setup: ScoringSetup,
+    mixed_inputs,
+    dask_address: str,
+    tmp_path: Path,
 ) -> None:
     inputs, good = mixed_inputs
     out = tmp_path / "out"
@@ -275,7 +285,7 @@ def test_bad_partitions_are_quarantined_and_accounting_holds(
         out,
         input_path=str(inputs),
         cluster=dask_address,
-        overrides={"scoring.max_quarantined_fraction": 1.0},
+        overrides={"scoring.max_quarantined_fraction": 1.0, **batching},
     )
     rows = summary["rows"]
     assert rows["in"] == rows["scored"] + rows["quarantined"]
@@ -403,8 +413,11 @@ def test_deployment_file_defines_a_valid_nightly_schedule() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
-def test_gpu_flow_matches_the_cpu_model(scoring_setup: ScoringSetup, tmp_path: Path) -> None:
+@pytest.mark.parametrize("partition_rows", [1_500, 3_000])  # files streamed; files batched
+def test_gpu_flow_matches_the_cpu_model(
+    partition_rows: int, scoring_setup: ScoringSetup, tmp_path: Path
+) -> None:
     out = tmp_path / "out"
-    summary = run_flow(scoring_setup, out, device="gpu", partition_rows=1_500)
+    summary = run_flow(scoring_setup, out, device="gpu", partition_rows=partition_rows)
     assert summary["device"] == "gpu" and summary["rows"]["scored"] == INPUT_ROWS
     assert_exactly_once(out, scoring_setup.input_frame, scoring_setup.bundles[0], 1e-5)

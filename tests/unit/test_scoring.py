@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import math
 import os
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -17,6 +19,7 @@ from tasks.backend import probe_gpu, resolve_backend
 from tasks.bundle import LoadedBundle, frame_to_raw
 from tasks.io import DataError
 from tasks.scoring import (
+    GPU_BATCH_ROWS,
     LAST_RUN_FILE,
     MANIFEST_DIR,
     InputPartition,
@@ -28,6 +31,7 @@ from tasks.scoring import (
     discover_partitions,
     entry_file_name,
     failure_reason,
+    files_per_batch,
     group_count,
     group_partitions,
     is_current,
@@ -190,6 +194,25 @@ def test_group_count_bounds_tasks_not_files() -> None:
     assert group_count(20, 1, files_in_flight=4) == 3
     assert group_count(10_000, 4, files_in_flight=4) == 32
     assert group_count(5, 2, files_in_flight=4) == 2
+
+
+def test_batch_mode_defaults_and_tasks_of_two_batches(tmp_path: Path) -> None:
+    cpu = make_job(tmp_path, tmp_path)
+    gpu = make_job(tmp_path, tmp_path, device="gpu")
+    assert (cpu.rows_per_batch, gpu.rows_per_batch) == (0, GPU_BATCH_ROWS)  # 0 = automatic
+    assert make_job(tmp_path, tmp_path, batch_rows=5000).rows_per_batch == 5000
+    assert make_job(tmp_path, tmp_path, device="gpu", batch_rows=5000).rows_per_batch == 5000
+    assert files_per_batch(8_000_000, 2_000_000) == 4
+    assert files_per_batch(8_000_000, 3_000_000) == 2
+    assert files_per_batch(1000, 2_000_000) == 1  # a batch holds at least one file
+    assert cpu.files_in_flight == 1  # batching off: the files read at once
+    assert gpu.files_in_flight == 8  # 8M-row batches of files of up to 1M rows (partition_rows)
+    assert make_job(tmp_path, tmp_path, device="gpu", partition_rows=4_000_000).files_in_flight == 4
+    batched = make_job(tmp_path, tmp_path, batch_rows=5000, partition_rows=1000)
+    assert batched.files_in_flight == 5
+    # every dask task gets at least two batches, so reading one overlaps scoring the other
+    assert group_count(100, 1, files_in_flight=gpu.files_in_flight) == math.ceil(100 / 16)
+    assert group_count(100, 4, files_in_flight=batched.files_in_flight) == 10
 
 
 @pytest.mark.parametrize("n_groups", [1, 2, 3, 7, 50])
@@ -562,6 +585,297 @@ def test_a_chunk_that_cannot_be_scored_quarantines_the_whole_file(
     assert hidden_files(out) == []
 
 
+# ---------------------------------------------------------------- batch mode
+
+
+class _Recording:
+    """A real engine that records which files each read and batch write covered."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.calls: list[tuple[str, list[str]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def read(self, path: Path, *args: Any) -> Any:
+        self.calls.append(("read", [path.name]))
+        return self.engine.read(path, *args)
+
+    def read_chunks(self, path: Path, *args: Any) -> Any:
+        self.calls.append(("read_chunks", [path.name]))
+        return self.engine.read_chunks(path, *args)
+
+    def read_many(self, paths: list[Path], columns: list[str]) -> Any:
+        self.calls.append(("read_many", [p.name for p in paths]))
+        return self.engine.read_many(paths, columns)
+
+    def write_batch(self, table: Any, offsets: Any, paths: list[Path]) -> None:
+        self.calls.append(("write_batch", [str(b - a) for a, b in pairwise(offsets)]))
+        self.engine.write_batch(table, offsets, paths)
+
+    def of(self, kind: str) -> list[list[str]]:
+        return [names for k, names in self.calls if k == kind]
+
+
+def write_sized(
+    frame: pd.DataFrame, directory: Path, sizes: list[int], **kw: Any
+) -> list[InputPartition]:
+    """Consecutive rows of `frame` in parquet files part-0, part-1, ... of the given sizes."""
+    directory.mkdir(parents=True, exist_ok=True)
+    parts, start = [], 0
+    for i, n in enumerate(sizes):
+        path = directory / f"part-{i}.parquet"
+        frame.iloc[start : start + n].to_parquet(path, index=False, **kw)
+        parts.append(partition_of(path))
+        start += n
+    return parts
+
+
+def score_batched(job: ScoringJob, parts: list[InputPartition]) -> tuple[list[Any], _Recording]:
+    engine = _Recording(load_engine(job, threads=1))
+    return score_partitions(engine, job, parts), engine  # type: ignore[arg-type]
+
+
+def assert_same_results(
+    entries: list[ManifestEntry], out: Path, want: list[ManifestEntry], want_out: Path
+) -> None:
+    """Per input file: the same manifest entry (but timings) and the same predictions file."""
+    volatile = {"seconds", "finished_at", "run_id", "worker"}
+    assert [e.input for e in entries] == [e.input for e in want]
+    for got, expected in zip(entries, want, strict=True):
+        assert got.model_dump(exclude=volatile) == expected.model_dump(exclude=volatile)
+        if got.output is not None:
+            assert read_entry(out, got.input) == got
+            a, b = pq.read_table(out / got.output), pq.read_table(want_out / got.output)
+            assert a.schema == b.schema
+            pd.testing.assert_frame_equal(a.to_pandas(), b.to_pandas(), check_exact=True)
+    totals = RunTotals()
+    for e in entries:
+        totals.add(e)
+    assert totals.accounting_holds
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(
+        str(e.output) for e in entries if e.output
+    )
+    assert hidden_files(out) == []
+
+
+@pytest.mark.parametrize(
+    ("batch_rows", "files_per_read"), [(1500, [2, 2, 2]), (2500, [3, 3]), (10**9, [6])]
+)
+def test_batches_score_every_row_once_as_file_by_file(
+    batch_rows: int,
+    files_per_read: list[int],
+    bundle_dir: Path,
+    base_frame: pd.DataFrame,
+    tmp_path: Path,
+) -> None:
+    """Batches of 2, 3 and all 6 files of 1,000 rows: one read and one write per batch, and per
+    file the same predictions file and manifest entry as scoring one file at a time."""
+    parts = write_parts(base_frame, tmp_path / "in", 6)
+    want = score(make_job(bundle_dir, tmp_path / "one"), parts)
+    out = tmp_path / "batched"
+    entries, engine = score_batched(make_job(bundle_dir, out, batch_rows=batch_rows), parts)
+    assert_same_results(entries, out, want, tmp_path / "one")
+    assert [e.status for e in entries] == ["scored"] * 6
+    assert sum(e.rows_scored for e in entries) == len(base_frame)
+    names = [Path(p.path).name for p in parts]
+    reads = engine.of("read_many")
+    assert [len(r) for r in reads] == files_per_read
+    assert [name for r in reads for name in r] == names  # each file once, in order
+    assert [len(w) for w in engine.of("write_batch")] == files_per_read
+    assert engine.of("read") == [] and engine.of("read_chunks") == []
+
+
+MIXED_KINDS = ["good", "unreadable", "good", "missing column", "duplicate ids", "good",
+               "mistyped column", "all-null id", "empty", "good"]  # fmt: skip
+
+
+def write_kinds(frame: pd.DataFrame, directory: Path, kinds: list[str]) -> list[InputPartition]:
+    """Files <i>-<kind>.parquet of 750 consecutive rows each: good, empty or one kind of bad."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = (frame.iloc[i : i + 750] for i in range(0, len(frame), 750))
+    parts = []
+    for i, kind in enumerate(kinds):
+        path = directory / f"{i}-{kind.replace(' ', '-')}.parquet"
+        if kind == "good":
+            next(rows).to_parquet(path, index=False)
+        elif kind == "empty":
+            frame.iloc[:0].to_parquet(path, index=False)
+        else:
+            _bad(kind, frame if kind == "unreadable" else next(rows), path)
+        parts.append(partition_of(path))
+    return parts
+
+
+def test_bad_files_in_a_batch_are_quarantined_as_file_by_file(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Every kind of bad file among good ones in one batch: exactly the bad files quarantined,
+    with the reasons scoring one file at a time gives, and the good files of the batch scored."""
+    parts = write_kinds(base_frame, tmp_path / "in", MIXED_KINDS)
+    want = score(make_job(bundle_dir, tmp_path / "one"), parts)
+    out = tmp_path / "batched"
+    entries, engine = score_batched(make_job(bundle_dir, out, batch_rows=10**9), parts)
+    assert_same_results(entries, out, want, tmp_path / "one")
+    status = {Path(e.input).name.split("-", 1)[1]: e.status for e in entries}
+    bad = {"unreadable", "missing-column", "duplicate-ids", "mistyped-column", "all-null-id"}
+    assert {k for k, v in status.items() if v == "quarantined"} == {f"{b}.parquet" for b in bad}
+    assert sum(e.rows_scored for e in entries) == 4 * 750
+    # the good files before the float ids of the all-null file were read with the duplicates;
+    # the empty file is read on its own (and scored, with an empty output, as before)
+    assert engine.of("read_many") == [
+        ["0-good.parquet", "2-good.parquet", "4-duplicate-ids.parquet", "5-good.parquet"],
+        ["7-all-null-id.parquet"],
+        ["9-good.parquet"],
+    ]
+    assert engine.of("read") == [["8-empty.parquet"]]
+    assert [len(w) for w in engine.of("write_batch")] == [1]  # the last good file's batch
+
+
+def test_ids_may_repeat_across_the_files_of_a_batch(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    frame = base_frame.iloc[:1000]
+    (tmp_path / "in").mkdir()
+    for name in ("a", "b"):
+        frame.to_parquet(tmp_path / "in" / f"{name}.parquet", index=False)
+    parts = [partition_of(tmp_path / "in" / f"{name}.parquet") for name in ("a", "b")]
+    want = score(make_job(bundle_dir, tmp_path / "one"), parts)
+    out = tmp_path / "batched"
+    entries, engine = score_batched(make_job(bundle_dir, out, batch_rows=10**9), parts)
+    assert [e.status for e in entries] == ["scored", "scored"]
+    assert engine.of("read_many") == [["a.parquet", "b.parquet"]]
+    assert engine.of("write_batch") == [["1000", "1000"]]  # still one batch
+    assert_same_results(entries, out, want, tmp_path / "one")
+
+
+def test_integer_ids_with_nulls_are_read_file_by_file(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """pandas reads integer ids with nulls as floats: in one frame with other files they would
+    make those files' ids floats too, so such a batch is read again file by file."""
+    parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 1000])
+    with_nulls = pq.read_table(parts[1].path)
+    ids = with_nulls.column("transaction_id").to_pylist()
+    ids[0] = None  # one: several nulls count as duplicate ids
+    pq.write_table(
+        with_nulls.set_column(0, "transaction_id", pa.array(ids, pa.int64())), parts[1].path
+    )
+    parts[1] = partition_of(Path(parts[1].path))
+    want = score(make_job(bundle_dir, tmp_path / "one"), parts)
+    out = tmp_path / "batched"
+    entries, engine = score_batched(make_job(bundle_dir, out, batch_rows=10**9), parts)
+    assert_same_results(entries, out, want, tmp_path / "one")
+    assert [e.status for e in entries] == ["scored"] * 3
+    assert engine.of("read_many") == [["part-0.parquet", "part-1.parquet", "part-2.parquet"]]
+    assert engine.of("read") == [["part-0.parquet"], ["part-1.parquet"], ["part-2.parquet"]]
+    ids_type = [pq.read_schema(out / str(e.output)).field("transaction_id").type for e in entries]
+    assert ids_type == [pa.int64(), pa.float64(), pa.int64()]
+
+
+def test_large_and_csv_files_among_batches_stream_in_order(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 2000, 1000], row_group_size=500)
+    csv = tmp_path / "in" / "part-4.csv"
+    base_frame.iloc[5000:5500].to_csv(csv, index=False)
+    parts.append(partition_of(csv))
+    parts += write_sized(base_frame.iloc[5500:], tmp_path / "in2", [500])
+    want = score(make_job(bundle_dir, tmp_path / "one", partition_rows=1500), parts)
+    out = tmp_path / "batched"
+    job = make_job(bundle_dir, out, partition_rows=1500, batch_rows=10**9)
+    entries, engine = score_batched(job, parts)
+    assert_same_results(entries, out, want, tmp_path / "one")
+    assert [e.rows_scored for e in entries] == [1000, 1000, 2000, 1000, 500, 500]
+    reads = [call for call in engine.calls if call[0] != "write_batch"]
+    assert reads == [
+        ("read_many", ["part-0.parquet", "part-1.parquet"]),
+        ("read", ["part-2.parquet"]),  # its ids, checked before streaming
+        ("read_chunks", ["part-2.parquet"]),
+        ("read_many", ["part-3.parquet"]),
+        ("read", ["part-4.csv"]),
+        ("read_many", ["part-0.parquet"]),  # in2/part-0
+    ]
+    large = out / str(entries[2].output)
+    assert pq.ParquetFile(large).metadata.num_row_groups == 2
+
+
+def test_batch_rerun_skips_committed_files_and_redoes_the_rest(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 4)
+    out = tmp_path / "out"
+    job = make_job(bundle_dir, out, batch_rows=10**9)
+    first, _ = score_batched(job, parts)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")}
+    again, engine = score_batched(job, parts)
+    assert again == first and engine.calls == []
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.parquet")} == mtimes
+    # a crash after the rename of file 2 but before its manifest entry
+    (out / MANIFEST_DIR / entry_file_name(parts[2].path)).unlink()
+    redone, engine = score_batched(job, parts)
+    assert engine.of("read_many") == [[Path(parts[2].path).name]]
+    assert redone[:2] == first[:2] and redone[3] == first[3]
+    assert redone[2].output == first[2].output
+    got = outputs(out)
+    assert got["transaction_id"].is_unique and len(got) == len(base_frame)
+
+
+def test_a_file_whose_values_break_batch_scoring_is_quarantined_alone(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Timestamps stored as text pass the schema check; one file's unparsable text fails the
+    batch's transform, which is then scored file by file."""
+    frame = base_frame.iloc[:3000].copy()
+    frame["timestamp"] = frame["timestamp"].dt.strftime("%Y-%m-%dT%H:%M:%S")
+    frame.loc[frame.index[1500], "timestamp"] = "yesterday"
+    parts = write_sized(frame, tmp_path / "in", [1000, 1000, 1000])
+    want = score(make_job(bundle_dir, tmp_path / "one"), parts)
+    out = tmp_path / "batched"
+    entries, engine = score_batched(make_job(bundle_dir, out, batch_rows=10**9), parts)
+    assert_same_results(entries, out, want, tmp_path / "one")
+    assert [e.status for e in entries] == ["scored", "quarantined", "scored"]
+    assert "ValueError" in str(entries[1].reason)
+    assert engine.of("read_many") == [[Path(p.path).name for p in parts]]
+    assert engine.of("write_batch") == []  # the other two were written as single files
+
+
+class _FailingWrites:
+    """Delegates to a real engine but fails every batch write with `exc`."""
+
+    def __init__(self, engine: Any, exc: BaseException) -> None:
+        self.engine = engine
+        self.exc = exc
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def write_batch(self, table: Any, offsets: Any, paths: list[Path]) -> None:
+        pq.write_table(table.slice(0, 1), paths[0])  # a partial write, then the failure
+        raise self.exc
+
+
+def test_a_failed_batch_write_quarantines_or_fails_and_leaves_no_temp_files(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 3)
+    job = make_job(bundle_dir, tmp_path / "data-error", batch_rows=10**9)
+    engine = _FailingWrites(load_engine(job, threads=1), ValueError("cannot encode"))
+    entries = score_partitions(engine, job, parts)  # type: ignore[arg-type]
+    assert [e.status for e in entries] == ["quarantined"] * 3
+    assert all("ValueError: cannot encode" in str(e.reason) for e in entries)
+    assert sum(e.rows_quarantined for e in entries) == len(base_frame)
+    assert list((tmp_path / "data-error").glob("*.parquet")) == []
+    assert hidden_files(tmp_path / "data-error") == []
+    job = make_job(bundle_dir, tmp_path / "os-error", batch_rows=10**9)
+    engine = _FailingWrites(load_engine(job, threads=1), OSError("disk full"))
+    with pytest.raises(OSError, match="disk full"):
+        score_partitions(engine, job, parts)  # type: ignore[arg-type]
+    assert hidden_files(tmp_path / "os-error") == []
+    assert read_manifest(tmp_path / "os-error", [p.path for p in parts]) == {}
+
+
 # ---------------------------------------------------------------- the device transform's logic
 
 
@@ -590,17 +904,34 @@ def test_device_transform_logic_matches_numpy_features_on_host(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+@pytest.mark.parametrize(("batch_rows", "files_per_read"), [(0, [3, 2]), (1500, [2, 1, 2])])
 @pytest.mark.parametrize("gpu_io", ["cudf", "arrow"])
 def test_gpu_engine_matches_cpu_engine(
-    gpu_io: str, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+    gpu_io: str,
+    batch_rows: int,
+    files_per_read: list[int],
+    bundle_dir: Path,
+    base_frame: pd.DataFrame,
+    tmp_path: Path,
 ) -> None:
-    parts = write_parts(base_frame, tmp_path / "in", 2, row_group_size=1000)
+    """Files batched (0: GPU_BATCH_ROWS; 1500: up to two files) around one too large for a
+    batch, streamed in chunks of 1,500 rows."""
+    sizes = [1000, 1000, 1000, 2000, 500, 500]
+    parts = write_sized(base_frame, tmp_path / "in", sizes, row_group_size=500)
     cpu = score(make_job(bundle_dir, tmp_path / "cpu"), parts)
     gpu_job = make_job(
-        bundle_dir, tmp_path / "gpu", device="gpu", partition_rows=1500, gpu_io=gpu_io
+        bundle_dir, tmp_path / "gpu", device="gpu", partition_rows=1500, gpu_io=gpu_io,
+        batch_rows=batch_rows,
+    )  # fmt: skip
+    gpu, engine = score_batched(gpu_job, parts)
+    assert [len(r) for r in engine.of("read_many")] == files_per_read
+    assert [len(w) for w in engine.of("write_batch")] == files_per_read
+    assert engine.of("read_chunks") == [["part-3.parquet"]]
+    assert [e.rows_scored for e in gpu] == [e.rows_scored for e in cpu] == sizes
+    assert sorted(p.name for p in (tmp_path / "gpu").glob("*.parquet")) == sorted(
+        str(e.output) for e in gpu
     )
-    gpu = score_partitions(load_engine(gpu_job, threads=1), gpu_job, parts)
-    assert [e.rows_scored for e in gpu] == [e.rows_scored for e in cpu]
+    assert hidden_files(tmp_path / "gpu") == []
     a, b = outputs(tmp_path / "cpu"), outputs(tmp_path / "gpu")
     np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
     np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
@@ -609,6 +940,30 @@ def test_gpu_engine_matches_cpu_engine(
             ec.score_counts == eg.score_counts
             or np.abs(np.subtract(ec.score_counts, eg.score_counts)).sum() <= 2
         )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+@pytest.mark.parametrize("gpu_io", ["cudf", "arrow"])
+def test_gpu_batches_quarantine_bad_files_as_the_cpu_does(
+    gpu_io: str, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    kinds = [k for k in MIXED_KINDS if k != "empty"]
+    parts = write_kinds(base_frame, tmp_path / "in", kinds)
+    want = score(make_job(bundle_dir, tmp_path / "cpu"), parts)
+    job = make_job(bundle_dir, tmp_path / "gpu", device="gpu", gpu_io=gpu_io)
+    got, engine = score_batched(job, parts)
+    assert engine.of("read_many")[0] == [
+        "0-good.parquet", "2-good.parquet", "4-duplicate-ids.parquet", "5-good.parquet"
+    ]  # fmt: skip
+    summary = [(e.status, e.rows_in, e.rows_scored, e.rows_quarantined) for e in got]
+    assert summary == [(e.status, e.rows_in, e.rows_scored, e.rows_quarantined) for e in want]
+    for g, w in zip(got, want, strict=True):  # the example duplicate id is printed per device
+        assert str(g.reason).split(" (e.g.")[0] == str(w.reason).split(" (e.g.")[0]
+    a, b = outputs(tmp_path / "cpu"), outputs(tmp_path / "gpu")
+    np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    assert hidden_files(tmp_path / "gpu") == []
 
 
 # ---------------------------------------------------------------- cluster helpers
