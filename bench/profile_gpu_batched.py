@@ -48,6 +48,11 @@ def main() -> None:
     p.add_argument("--files", type=int, default=20)
     p.add_argument("--batches", default="1,2,4,8,20", help="files per batch to try")
     p.add_argument("--pipelined", default="1,4,8", help="files per batch, three-thread pipeline")
+    p.add_argument(
+        "--pipeline",
+        default="cudf:0,arrow:0,cudf:8000000,cudf:20000000,arrow:8000000",
+        help="score_partitions runs, io:batch_rows (empty: none)",
+    )
     p.add_argument("--spill", action="store_true", help="cuDF spilling on (as dask-cuda sets)")
     p.add_argument("--rmm-pool", default="", help="RMM pool size, e.g. 40GB (off by default)")
     p.add_argument("--rmm-async", action="store_true", help="RMM on cudaMallocAsync")
@@ -211,6 +216,39 @@ def main() -> None:
         pipelined[f"{size} file(s) per batch"] = total_rows / secs
         print(f"pipelined {size:3d} files/batch: {total_rows / secs / 1e6:8.1f} M rows/s")
 
+    # The worker pipeline itself (score_partitions: manifest, quarantine checks, atomic outputs)
+    from tasks.scoring import ScoringJob, load_engine, partition_of, score_partitions
+
+    worker: dict[str, float] = {}
+    parts = [partition_of(f) for f in files]
+    for item in filter(None, args.pipeline.split(",")):
+        io, batch_rows = item.split(":")
+        out = tmp / f"score-partitions-{io}-{batch_rows}"
+        job = ScoringJob(
+            bundle_dir=str(bundle_dir),
+            model_name="bench-xgboost",
+            model_version=1,
+            scorer="xgboost",
+            device="gpu",
+            output_dir=str(out),
+            partition_rows=max(counts.values()),
+            gpu_io=io,  # type: ignore[arg-type]
+            batch_rows=int(batch_rows),
+        )
+        engine = load_engine(job, threads=1)
+        score_partitions(engine, job, parts[:2])  # warm
+        shutil.rmtree(out, ignore_errors=True)
+        sync()
+        t = time.perf_counter()
+        entries = score_partitions(engine, job, parts)
+        sync()
+        secs = time.perf_counter() - t
+        assert sum(e.rows_scored for e in entries) == total_rows, entries
+        worker[f"io={io} batch_rows={batch_rows}"] = total_rows / secs
+        print(
+            f"score_partitions io={io} batch_rows={batch_rows}: {total_rows / secs / 1e6:.1f} M rows/s"
+        )
+
     if args.out:
         args.out.write_text(
             json.dumps(
@@ -223,6 +261,7 @@ def main() -> None:
                     "kvikio_nthreads": os.environ.get("KVIKIO_NTHREADS", ""),
                     "ms_per_1M_rows_by_batch": steps,
                     "pipelined_rows_per_s": pipelined,
+                    "score_partitions_rows_per_s": worker,
                 },
                 indent=2,
             )

@@ -1273,7 +1273,12 @@ def load_engine(job: ScoringJob, threads: int) -> Engine:
     if job.device == "gpu":
         import cupy
 
+        from tasks.backend import use_async_device_memory
         from tasks.gpu_features import DeviceTransform
+
+        # a worker whose RMM resource nobody chose (an existing scheduler's plain workers, or
+        # in-process scoring): cudaMallocAsync rather than a cudaMalloc/cudaFree per column
+        use_async_device_memory()
 
         bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cuda")
         transform = DeviceTransform(bundle.spec_dict, bundle.lookups, cupy)
