@@ -226,9 +226,12 @@ def naive_gpu(files: list[Path], bundle_dir: Path, out: Path) -> float:
     import cudf
     import cupy
 
+    from tasks.backend import use_async_device_memory
     from tasks.bundle import LoadedBundle
     from tasks.gpu_features import DeviceTransform
 
+    # the allocator gpupipe's own GPU processes use, whether or not this process ran the ETL
+    use_async_device_memory()
     bundle = LoadedBundle.load(bundle_dir, "xgboost", device="cuda")
     transform = DeviceTransform(bundle.spec_dict, bundle.lookups, cupy)
     booster = bundle.scorer.booster  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@
 #   bash bench/gpu_session.sh multigpu   # 1 vs 2 GPUs: xgboost.dask training and batch scoring
 #   bash bench/gpu_session.sh profile    # per-step GPU scoring profile (after `scoring`)
 #   bash bench/gpu_session.sh profile_batched  # whole files in batches: per-step cost by batch size
+#   bash bench/gpu_session.sh batch      # GPU tests + batch-mode scoring profile
 #   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings cold/warm + cProfile
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
@@ -62,6 +63,11 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --batches 1,8 --pipelined 8 --out "$out/profile_batched_spill.json"
     part profile_batched_pool $py bench/profile_gpu_batched.py --rows "$rows" --rmm-pool 40GB \
       --batches 1,8 --pipelined 8 --out "$out/profile_batched_pool.json"
+    ;;
+  batch)  # batch-mode scoring: GPU tests, then per-step cost and score_partitions per batch size
+    part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
+    part profile_batched_async $py bench/profile_gpu_batched.py --rows "$rows" --rmm-async \
+      --batches 1,8,20 --pipelined 8,20 --out "$out/profile_batched_async.json"
     ;;
   profile_etl)
     part profile_gpu_etl $py bench/profile_gpu_etl.py --rows "$rows" --out "$out/profile_gpu_etl.json"
