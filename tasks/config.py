@@ -123,9 +123,10 @@ class ScoringConfig(_Strict):
         description="Files read (and written) at once per worker; 0 = 1 on CPU, 4 on GPU.",
     )
     gpu_io: Literal["cudf", "arrow"] = Field(
-        default="arrow",
-        description="GPU workers: decode and encode parquet on the GPU (cudf) or on the worker's "
-        "CPU threads with pyarrow, moving only columns across PCIe (arrow).",
+        default="cudf",
+        description="GPU workers: decode and encode parquet on the GPU (cudf: one call per batch "
+        "of files) or on the worker's CPU threads with pyarrow, moving only columns across "
+        "PCIe (arrow: faster only when files are scored one at a time).",
     )
     batch_rows: int = Field(
         default=0,

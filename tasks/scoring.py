@@ -100,10 +100,12 @@ GROUPS_PER_WORKER = 8
 READ_AHEAD = 1
 WRITE_BEHIND = 2
 GPU_IO_THREADS = 4
-# Rows a GPU worker reads, scores and writes in one batch of whole files: a few 1M-row files per
-# call spread the per-call costs (cuDF read 44 ms, features 27 ms per 1M-row file on an H100),
-# while the raw batch stays well under a GB of device memory.
-GPU_BATCH_ROWS = 8_000_000
+# Rows a GPU worker reads, scores and writes in one batch of whole files. Per 1M rows on an H100
+# (bench/results/2026-11-23_h100_profile_batched_async.json): 104 ms one file at a time, 30 ms in
+# batches of 8M rows, 20 ms of 20M. A batch in flight takes about 250 bytes per row of device
+# memory (raw columns, features, matrix, predictions): some 4 GB at this size; lower it on GPUs
+# with less than 24 GB (cuDF spills to host memory before it fails).
+GPU_BATCH_ROWS = 16_000_000
 OUTPUT_COMPRESSION = "snappy"
 # Parquet dictionary encoding only where it pays: the few-valued columns. Ids are unique and
 # scores nearly so; a dictionary for them is built, overflows, and is abandoned (about 40% of the
@@ -147,7 +149,7 @@ class ScoringJob(_Frozen):
     data_format: str = "auto"
     run_id: str = ""
     io_threads: int = 0
-    gpu_io: Literal["cudf", "arrow"] = "arrow"
+    gpu_io: Literal["cudf", "arrow"] = "cudf"
     batch_rows: int = 0
 
     @property

@@ -116,12 +116,20 @@ def test_auc_standard_error_shrinks_with_more_rows() -> None:
     assert auc_standard_error(0.85, 4500, 445500) < small / 5
 
 
-def test_gpu_etl_leaves_rmm_on_the_async_pool(both_etls) -> None:
-    """After a GPU ETL this process allocates through cudaMallocAsync, and a second call, which
-    finds a resource already chosen, changes nothing."""
-    import rmm
+def test_async_device_memory_is_chosen_once() -> None:
+    """In a fresh process (RMM still on its default cudaMalloc resource) the call switches to
+    cudaMallocAsync; a second call finds a resource chosen and changes nothing."""
+    import subprocess
+    import sys
 
-    from tasks.backend import use_async_device_memory
-
-    assert isinstance(rmm.mr.get_current_device_resource(), rmm.mr.CudaAsyncMemoryResource)
-    assert use_async_device_memory() is False
+    code = (
+        "import rmm\n"
+        "from tasks.backend import use_async_device_memory\n"
+        "first = use_async_device_memory()\n"
+        "mr = rmm.mr.get_current_device_resource()\n"
+        "print(first, type(mr).__name__, use_async_device_memory())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+    assert done.stdout.split() == ["True", "CudaAsyncMemoryResource", "False"]

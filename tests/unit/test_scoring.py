@@ -206,12 +206,16 @@ def test_batch_mode_defaults_and_tasks_of_two_batches(tmp_path: Path) -> None:
     assert files_per_batch(8_000_000, 3_000_000) == 2
     assert files_per_batch(1000, 2_000_000) == 1  # a batch holds at least one file
     assert cpu.files_in_flight == 1  # batching off: the files read at once
-    assert gpu.files_in_flight == 8  # 8M-row batches of files of up to 1M rows (partition_rows)
-    assert make_job(tmp_path, tmp_path, device="gpu", partition_rows=4_000_000).files_in_flight == 4
+    # GPU_BATCH_ROWS-row batches of files of up to 1M rows (partition_rows)
+    assert gpu.files_in_flight == GPU_BATCH_ROWS // 1_000_000
+    big_files = make_job(tmp_path, tmp_path, device="gpu", partition_rows=GPU_BATCH_ROWS // 2)
+    assert big_files.files_in_flight == 4  # GPU_IO_THREADS, more than 2 files per batch
     batched = make_job(tmp_path, tmp_path, batch_rows=5000, partition_rows=1000)
     assert batched.files_in_flight == 5
     # every dask task gets at least two batches, so reading one overlaps scoring the other
-    assert group_count(100, 1, files_in_flight=gpu.files_in_flight) == math.ceil(100 / 16)
+    assert group_count(100, 1, files_in_flight=gpu.files_in_flight) == math.ceil(
+        100 / (2 * gpu.files_in_flight)
+    )
     assert group_count(100, 4, files_in_flight=batched.files_in_flight) == 10
 
 
