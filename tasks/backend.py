@@ -64,6 +64,8 @@ def use_async_device_memory() -> bool:
     `cudaFree`: on an H100 that made the scoring transform 2-5x slower per 1M rows
     (bench/results/2026-11-23_h100_profile_batched*.json). The async pool also hands memory back
     to the driver, so XGBoost's and PyTorch's own allocators in the same process still find it.
+    Used by scoring workers only: the GPU ETL measured slower with it (numeric fits 0.46 ->
+    2.1 s of 20M rows, bench/results/2026-11-23_h100_bench_pipeline_20M_warm_v4.json).
     """
     import rmm
 

@@ -22,7 +22,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from kernels.reference import fused_preprocess_reference
-from tasks.backend import Backend, use_async_device_memory
+from tasks.backend import Backend
 from tasks.config import PipelineConfig
 from tasks.drift import array_module_of, matrix_bin_counts
 from tasks.gpu_features import (
@@ -598,8 +598,6 @@ def run_etl(
     check_files(files, roles, cfg.data.format)
     tmp = out_root / f".{fingerprint}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    if backend.device == "gpu":
-        use_async_device_memory()
     with dask.config.set({"dataframe.backend": backend.dataframe_backend}):
         _run_etl(cfg, backend, files, roles, fingerprint, tmp, progress)
     shutil.rmtree(root, ignore_errors=True)

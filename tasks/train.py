@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 
-from tasks.backend import Backend, use_async_device_memory
+from tasks.backend import Backend
 from tasks.bundle import BUNDLE_FILE as BUNDLE_FILE  # re-exported with the bundle's layout
 from tasks.bundle import TRANSFORM_DIR as TRANSFORM_DIR
 from tasks.bundle import read_bundle_json as read_bundle_json
@@ -71,7 +71,6 @@ def read_split(
     if backend is not None and backend.device == "gpu":
         import cudf
 
-        use_async_device_memory()
         frame = cudf.read_parquet(
             str(etl.features_dir(split)), columns=[*feature_names, target, id_col]
         )
