@@ -1765,27 +1765,23 @@ def commit_batch(
     """
     engine = writers[0].engine
     try:
-        writers[0].out_dir.mkdir(parents=True, exist_ok=True)
-        engine.write_batch(scored.table, offsets, [w.tmp for w in writers])
-    except DATA_ERRORS as exc:
-        return [
-            w.quarantine(error_reason(w.part.path, exc), stats.rows)
-            for w, stats in zip(writers, scored.files, strict=True)
-        ]
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    entries = []
-    try:
+        try:
+            writers[0].out_dir.mkdir(parents=True, exist_ok=True)
+            engine.write_batch(scored.table, offsets, [w.tmp for w in writers])
+        except DATA_ERRORS as exc:
+            return [
+                w.quarantine(error_reason(w.part.path, exc), stats.rows)
+                for w, stats in zip(writers, scored.files, strict=True)
+            ]
+        entries = []
         for w, stats, (a, b) in zip(writers, scored.files, pairwise(offsets), strict=True):
             w.add_written(stats)
             entries.append(w.commit(b - a))
+        return entries
     except BaseException:
         for w in writers:
-            w.abort()
+            w.abort()  # idempotent: a committed file's temp name is already gone
         raise
-    return entries
 
 
 def score_partitions(
