@@ -217,7 +217,9 @@ def main() -> None:
         print(f"pipelined {size:3d} files/batch: {total_rows / secs / 1e6:8.1f} M rows/s")
 
     # The worker pipeline itself (score_partitions: manifest, quarantine checks, atomic outputs)
-    from tasks.scoring import ScoringJob, load_engine, partition_of, score_partitions
+    from profile_gpu_scoring import score_partitions_rate
+
+    from tasks.scoring import ScoringJob, partition_of
 
     worker: dict[str, float] = {}
     parts = [partition_of(f) for f in files]
@@ -235,19 +237,9 @@ def main() -> None:
             gpu_io=io,  # type: ignore[arg-type]
             batch_rows=int(batch_rows),
         )
-        engine = load_engine(job, threads=1)
-        score_partitions(engine, job, parts[:2])  # warm
-        shutil.rmtree(out, ignore_errors=True)
-        sync()
-        t = time.perf_counter()
-        entries = score_partitions(engine, job, parts)
-        sync()
-        secs = time.perf_counter() - t
-        assert sum(e.rows_scored for e in entries) == total_rows, entries
-        worker[f"io={io} batch_rows={batch_rows}"] = total_rows / secs
-        print(
-            f"score_partitions io={io} batch_rows={batch_rows}: {total_rows / secs / 1e6:.1f} M rows/s"
-        )
+        rate = score_partitions_rate(job, parts, total_rows)
+        worker[f"io={io} batch_rows={batch_rows}"] = rate
+        print(f"score_partitions io={io} batch_rows={batch_rows}: {rate / 1e6:.1f} M rows/s")
 
     if args.out:
         args.out.write_text(

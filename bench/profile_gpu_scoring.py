@@ -23,6 +23,26 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
+def score_partitions_rate(job: Any, parts: list[Any], total_rows: int) -> float:
+    """rows/s of the worker pipeline (`score_partitions`, no dask or Prefect) for `job` over
+    `parts`, after an untimed first file (kernels, pools) whose output is then removed."""
+    import cupy
+
+    from tasks.scoring import load_engine, score_partitions
+
+    sync = cupy.cuda.Device().synchronize
+    engine = load_engine(job, threads=1)
+    score_partitions(engine, job, parts[:1])
+    shutil.rmtree(job.output_dir, ignore_errors=True)
+    sync()
+    t = time.perf_counter()
+    entries = score_partitions(engine, job, parts)
+    sync()
+    secs = time.perf_counter() - t
+    assert sum(e.rows_scored for e in entries) == total_rows, entries
+    return total_rows / secs
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench-scoring"))
@@ -47,9 +67,7 @@ def main() -> None:
         ScoringJob,
         _chunk_stats,
         host_prediction_table,
-        load_engine,
         partition_of,
-        score_partitions,
         scoring_roles,
     )
 
@@ -205,17 +223,8 @@ def main() -> None:
             gpu_io=io,  # type: ignore[arg-type]
             batch_rows=batch_rows,
         )
-        engine = load_engine(job, threads=1)
-        score_partitions(engine, job, parts[:1])  # warm
-        shutil.rmtree(out, ignore_errors=True)
-        sync()
-        t = time.perf_counter()
-        entries = score_partitions(engine, job, parts)
-        sync()
-        secs = time.perf_counter() - t
-        assert sum(e.rows_scored for e in entries) == total, entries
         key = f"score_partitions io={io} files_in_flight={threads} batch_rows={batch_rows}"
-        pipeline[key] = total / secs
+        pipeline[key] = score_partitions_rate(job, parts, total)
         print(f"{key:60} {pipeline[key] / 1e6:8.1f} M rows/s")
     if args.out:
         args.out.write_text(
