@@ -8,7 +8,8 @@
 #   bash bench/gpu_session.sh profile    # per-step GPU scoring profile (after `scoring`)
 #   bash bench/gpu_session.sh profile_batched  # whole files in batches: per-step cost by batch size
 #   bash bench/gpu_session.sh batch      # GPU tests + batch-mode scoring profile
-#   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings cold/warm + cProfile
+#   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings, one frame vs dask, + cProfile
+#   bash bench/gpu_session.sh write      # predictions write cost by table layout and options
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -70,8 +71,12 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     part profile_batched_async $py bench/profile_gpu_batched.py --rows "$rows" --rmm-async \
       --batches 1,8,20 --pipelined 8,20 --out "$out/profile_batched_async.json"
     ;;
-  profile_etl)
-    part profile_gpu_etl $py bench/profile_gpu_etl.py --rows "$rows" --out "$out/profile_gpu_etl.json"
+  profile_etl)  # one cuDF frame vs dask-cuDF partitions, stage timings side by side
+    part profile_gpu_etl $py bench/profile_gpu_etl.py --rows "$rows" --frames auto,dask \
+      --out "$out/profile_gpu_etl.json"
+    ;;
+  write)  # predictions write cost by table layout and parquet options
+    part profile_gpu_write $py bench/profile_gpu_write.py --rows "$rows" --out "$out/profile_gpu_write.json"
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests

@@ -1,5 +1,6 @@
-"""Where the GPU ETL's time goes: stage timings of a cold and a warm run (kernels compiled, pools
-filled), and a cProfile of the warm run, on generated data.
+"""Where the GPU ETL's time goes: stage timings of two runs per way of holding the table
+(`etl_frames`: one cuDF frame or dask partitions), side by side, and a cProfile of the second run
+of the first way, on generated data.
 
     python bench/profile_gpu_etl.py --rows 20000000 --out /tmp/etl_profile.json
 """
@@ -25,6 +26,9 @@ def main() -> None:
     p.add_argument("--warmup-rows", type=int, default=200_000)
     p.add_argument("--device", default="gpu")
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
+    p.add_argument(
+        "--frames", default="auto,dask", help="etl_frames values to time, comma-separated"
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -35,13 +39,22 @@ def main() -> None:
 
     backend = resolve_backend(args.device)
     report: dict[str, object] = {"rows": args.rows, "device": backend.device}
-    for label, rows in (("warmup", args.warmup_rows), ("cold", args.rows), ("warm", args.rows)):
+    frames = args.frames.split(",")
+    # a small warm-up, then per way of holding the table a cold-ish and a warm run (profiled
+    # for the first way): side by side in one process, on the same files
+    runs = [("warmup", args.warmup_rows, frames[0], False)]
+    for i, choice in enumerate(frames):
+        runs += [
+            (f"{choice}_1", args.rows, choice, False),
+            (f"{choice}_2", args.rows, choice, i == 0),
+        ]
+    for label, rows, choice, profiled in runs:
         data = args.work / f"data-{rows}"
         generate_transactions(rows, data, seed=0, rows_per_file=min(rows, 1_000_000))
         home = args.work / f"profile-etl-{label}"
         shutil.rmtree(home, ignore_errors=True)
-        cfg = builtin_config(data, home)
-        prof = cProfile.Profile() if label == "warm" else None
+        cfg = builtin_config(data, home).model_copy(update={"etl_frames": choice})
+        prof = cProfile.Profile() if profiled else None
         t = time.perf_counter()
         if prof:
             prof.enable()
@@ -50,8 +63,9 @@ def main() -> None:
             prof.disable()
         secs = time.perf_counter() - t
         stages = json.loads((out.root / "etl.json").read_text())["stage_seconds"]
-        report[label] = {"rows": rows, "seconds": secs, "stage_seconds": stages}
+        report[label] = {"rows": rows, "frames": choice, "seconds": secs, "stage_seconds": stages}
         print(f"{label}: {rows:,} rows in {secs:.2f} s; stages {stages}", flush=True)
+        shutil.rmtree(home, ignore_errors=True)
         if prof:
             for key in ("cumulative", "tottime"):
                 buf = io.StringIO()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DeviceChoice = Literal["auto", "cpu", "gpu"]
+EtlFrames = Literal["auto", "dask", "single"]
 
 
 class _Strict(BaseModel):
@@ -166,6 +167,12 @@ class PipelineConfig(_Strict):
     device: DeviceChoice = "auto"
     home: str = ".gpupipe"
     etl_partition_rows: int = Field(default=1_000_000, ge=1000)
+    etl_frames: EtlFrames = Field(
+        default="auto",
+        description="How the ETL holds the table: 'dask' partitions (every CPU core, many GPUs), "
+        "'single' one in-memory pandas/cuDF frame, or 'auto': single on exactly one GPU, "
+        "dask otherwise. Both give the same features.",
+    )
 
     @model_validator(mode="after")
     def _entities_known(self) -> PipelineConfig:

@@ -1,7 +1,9 @@
 """ETL: raw table -> split -> fitted transform spec (+ entity lookups) -> feature parquet.
 
-Written against dask.dataframe so the same code runs with the pandas or the cuDF backend. Every
-statistic is computed on the training split only: no label or future leakage into valid/test.
+Written once against dask.dataframe and in-memory frames (`tasks.frames`), so the same code runs
+with the pandas or the cuDF backend, partitioned by dask or, on one GPU, as a single cuDF frame.
+Every statistic is computed on the training split only: no label or future leakage into
+valid/test.
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ from kernels.reference import fused_preprocess_reference
 from tasks.backend import Backend
 from tasks.config import PipelineConfig
 from tasks.drift import array_module_of, matrix_bin_counts
+from tasks.frames import (
+    compute,
+    computed,
+    map_frame,
+    persisted,
+    use_single_frame,
+    write_parquet_dir,
+)
 from tasks.gpu_features import (
     DeviceTransform,
     KeyIndex,
@@ -130,34 +140,34 @@ def etl_fingerprint(files: Sequence[Path], cfg: PipelineConfig, backend: Backend
     return files_fingerprint(files, salt)
 
 
-def read_raw(
-    files: Sequence[Path], cfg: PipelineConfig, roles: ColumnRoles, backend: Backend | None = None
-) -> dd.DataFrame:
-    """Lazily read the raw columns; one partition per file (or per parquet row group).
-
-    Single-GPU fast path: with the cuDF backend and one visible GPU, all files are read by one
-    `cudf.read_parquet` call into a single partition. Every later step is then one cuDF call
-    instead of many small tasks, which is where dask-cuDF on one GPU lost most of its time.
-    """
+def read_raw(files: Sequence[Path], cfg: PipelineConfig, roles: ColumnRoles) -> dd.DataFrame:
+    """Lazily read the raw columns; one partition per file (or per parquet row group)."""
     cols = roles.columns
-    fmt = cfg.data.format
-    is_csv = fmt == "csv" or (fmt == "auto" and files[0].suffix.lower() == ".csv")
-    if backend is not None and backend.device == "gpu" and single_gpu() and not is_csv:
-        import cudf
-
-        # from_map, not from_pandas: from_pandas of an in-memory frame walks its whole index on
-        # the host to find divisions (2 s of a 7 s ETL of 20M rows on an H100, even unsorted)
-        meta = cudf.read_parquet(str(files[0]), columns=cols, nrows=0)
-        paths = tuple(str(f) for f in files)
-        return dd.from_map(
-            read_parquet_files, [paths], columns=cols, meta=meta, enforce_metadata=False
-        )
-    if is_csv:
+    if is_csv_input(files, cfg):
         ddf = dd.read_csv([str(f) for f in files], usecols=cols)
         if cfg.data.timestamp:
             ddf[cfg.data.timestamp] = dd.to_datetime(ddf[cfg.data.timestamp], format="ISO8601")
         return ddf
     return dd.read_parquet([str(f) for f in files], columns=cols)
+
+
+def read_raw_frame(
+    files: Sequence[Path], cfg: PipelineConfig, roles: ColumnRoles, backend: Backend
+) -> Any:
+    """The raw columns as one in-memory frame (the single-device path).
+
+    Parquet on GPU: one `cudf.read_parquet` call over all the files (one pass over the GPU).
+    Otherwise the dask reader, computed, so the columns get exactly the dtypes the dask path
+    gives them (the fitted spec records them).
+    """
+    if backend.device == "gpu" and not is_csv_input(files, cfg):
+        return read_parquet_files([str(f) for f in files], roles.columns)
+    return read_raw(files, cfg, roles).compute()
+
+
+def is_csv_input(files: Sequence[Path], cfg: PipelineConfig) -> bool:
+    fmt = cfg.data.format
+    return fmt == "csv" or (fmt == "auto" and files[0].suffix.lower() == ".csv")
 
 
 def read_parquet_files(paths: Sequence[str], columns: list[str]) -> Any:
@@ -167,14 +177,14 @@ def read_parquet_files(paths: Sequence[str], columns: list[str]) -> Any:
     return cudf.read_parquet(list(paths), columns=columns)
 
 
-def single_gpu() -> bool:
-    """True when exactly one CUDA device is visible (and no dask cluster spans several)."""
+def gpu_count() -> int:
+    """CUDA devices visible to this process (0 without a CUDA runtime)."""
     try:
         import cupy
 
-        return int(cupy.cuda.runtime.getDeviceCount()) == 1
-    except Exception:  # no CUDA runtime at all
-        return False
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no CUDA runtime at all; its errors come in many types
+        return 0
 
 
 def _host(values: Any) -> npt.NDArray[Any]:
@@ -205,28 +215,40 @@ def assign_split(
     timestamps train). Without: a seeded split stratified by target within each partition.
     """
     n = len(part)
-    labels = np.zeros(n, np.int8)
+    xp = array_module(part)  # labels and folds are computed where the rows are
     number = partition_info["number"] if partition_info else 0
     rng = np.random.default_rng([seed, number])
     if id_col is not None and has_integer_ids(part, id_col):
-        folds = _host(id_hash(part, id_col, seed + 1) % np.uint64(TARGET_FOLDS)).astype(np.int8)
+        folds = (id_hash(part, id_col, seed + 1) % xp.uint64(TARGET_FOLDS)).astype(xp.int8)
     else:
-        folds = rng.integers(0, TARGET_FOLDS, n).astype(np.int8)
+        folds = xp.asarray(rng.integers(0, TARGET_FOLDS, n).astype(np.int8))
     if timestamp is not None and cuts is not None:
-        ts = _host(part[timestamp]).astype("datetime64[us]").astype(np.int64)
+        ts = timestamp_micros(part[timestamp])
         valid_ts = ts != np.iinfo(np.int64).min
+        labels = xp.zeros(n, xp.int8)
         labels[valid_ts & (ts >= cuts[0])] = 1
         labels[valid_ts & (ts >= cuts[1])] = 2
     else:
         y = _host(part[target])
+        host_labels = np.zeros(n, np.int8)
         for cls in (0, 1):
             idx = np.flatnonzero(y == cls)
             rng.shuffle(idx)
             n_test = round(len(idx) * test_fraction)
             n_valid = round(len(idx) * valid_fraction)
-            labels[idx[:n_test]] = 2
-            labels[idx[n_test : n_test + n_valid]] = 1
+            host_labels[idx[:n_test]] = 2
+            host_labels[idx[n_test : n_test + n_valid]] = 1
+        labels = xp.asarray(host_labels)
     return part.assign(**{SPLIT_COLUMN: labels, FOLD_COLUMN: folds})
+
+
+def timestamp_micros(series: Any) -> Any:
+    """A pandas or cuDF timestamp column as int64 microseconds (NumPy or CuPy), missing ones as
+    the int64 minimum (NaT's value), so no comparison with a cut admits them."""
+    if is_cudf(series):
+        micros = series.astype("datetime64[us]").astype("int64")
+        return column_values(micros, np.int64, np.iinfo(np.int64).min)
+    return _host(series).astype("datetime64[us]").astype(np.int64)
 
 
 def id_hash(part: Any, id_col: str, seed: int) -> Any:
@@ -257,20 +279,17 @@ def hash_sample_partition(part: Any, *, id_col: str, frac: float, seed: int) -> 
     return part[keep]
 
 
-def hash_sample(
-    ddf: dd.DataFrame, id_col: str, rows: int, target_rows: int, seed: int
-) -> dd.DataFrame:
-    """About `target_rows` rows of ddf (all of it when smaller), chosen by `hash_sample_partition`."""
+def hash_sample(frame: Any, id_col: str, rows: int, target_rows: int, seed: int) -> Any:
+    """About `target_rows` rows of the frame (all of it when smaller), chosen by
+    `hash_sample_partition`."""
     frac = min(1.0, target_rows / max(rows, 1))
     if frac >= 1.0:
-        return ddf
-    return ddf.map_partitions(
-        hash_sample_partition, id_col=id_col, frac=frac, seed=seed, meta=ddf._meta
-    )
+        return frame
+    return map_frame(frame, hash_sample_partition, id_col=id_col, frac=frac, seed=seed)
 
 
 def time_cuts(
-    ddf: dd.DataFrame,
+    frame: Any,
     timestamp: str,
     id_col: str,
     valid_fraction: float,
@@ -283,12 +302,12 @@ def time_cuts(
     quantile is too coarse on time-partitioned files, and the hash picks the same rows on CPU
     and GPU, so both backends split identically.
     """
-    n = int(ddf[timestamp].count().compute())
+    n = int(compute(frame[timestamp].count()))
     if n == 0:
         raise DataError(f"column {timestamp!r}: every timestamp is missing")
-    sample = hash_sample(ddf[[id_col, timestamp]], id_col, n, STATS_SAMPLE_ROWS, seed)
+    sample = hash_sample(frame[[id_col, timestamp]], id_col, n, STATS_SAMPLE_ROWS, seed)
     ts = sample[timestamp].dropna().astype("datetime64[us]").astype("int64")
-    values = _host(ts.compute())
+    values = _host(compute(ts))
     q = np.quantile(values, [1.0 - valid_fraction - test_fraction, 1.0 - test_fraction])
     return int(q[0]), int(q[1])
 
@@ -315,10 +334,10 @@ def _flat(stats: Any) -> pd.DataFrame:
 
 
 def fit_categorical(
-    train: dd.DataFrame, column: str, target: str, prior: float, smoothing: float
+    train: Any, column: str, target: str, prior: float, smoothing: float
 ) -> CategoricalFeature:
     """Vocabulary (sorted) and smoothed target rate per category, from training rows."""
-    stats = _flat(train.groupby(column).agg({target: ["sum", "count"]}).compute())
+    stats = _flat(compute(train.groupby(column).agg({target: ["sum", "count"]})))
     stats = stats.rename(columns={f"{target}_sum": "pos", f"{target}_count": "n"})
     stats = stats.sort_index()
     keys = np.asarray(stats.index.to_numpy())
@@ -341,7 +360,7 @@ def nans_to_nulls(part: Any, column: str) -> Any:
 
 
 def fit_entity(
-    train: dd.DataFrame, key: str, value: str, target: str, prior: float, smoothing: float
+    train: Any, key: str, value: str, target: str, prior: float, smoothing: float
 ) -> tuple[EntityTable, dict[str, npt.NDArray[Any]], npt.NDArray[np.float64]]:
     """Per-entity count, mean and std of `value` and smoothed target rate, from training rows.
 
@@ -352,14 +371,16 @@ def fit_entity(
     work = train[[key, value, target, FOLD_COLUMN]].assign(
         **{value: train[value].astype("float64")}
     )
-    work = work.map_partitions(nans_to_nulls, value, meta=work._meta)
+    work = map_frame(work, nans_to_nulls, column=value)
     work = work.assign(**{SQUARE_COLUMN: work[value] * work[value]})
     # mean and std from sums and counts: dask-cuDF's grouped mean/std of a nullable column
     # disagreed with pandas on 2026-11-23 (H200, cuDF 26.10), sums and counts agree on both
     stats = _flat(
-        work.groupby(key)
-        .agg({target: ["count", "sum"], value: ["sum", "count"], SQUARE_COLUMN: ["sum"]})
-        .compute()
+        compute(
+            work.groupby(key).agg(
+                {target: ["count", "sum"], value: ["sum", "count"], SQUARE_COLUMN: ["sum"]}
+            )
+        )
     )
     stats = stats.rename(columns={f"{target}_count": "count", f"{target}_sum": "pos"})
     stats = stats.sort_index()
@@ -372,7 +393,7 @@ def fit_entity(
         std = np.where(n_values > 1, np.sqrt(np.maximum(var, 0.0)), np.nan)
     stats = stats.assign(mean=mean, std=std)
     values = work[value].dropna()
-    prior_mean, prior_std = dask.compute(values.mean(), values.std())
+    prior_mean, prior_std = computed(values.mean(), values.std())
     prior_mean = float(prior_mean) if np.isfinite(prior_mean) else 0.0
     prior_std = float(prior_std) if np.isfinite(prior_std) and prior_std > 0 else 1.0
     lookup = {
@@ -397,7 +418,7 @@ def fit_entity(
 
 
 def out_of_fold_rates(
-    work: dd.DataFrame,
+    work: Any,
     key: str,
     target: str,
     keys_sorted: npt.NDArray[Any],
@@ -406,7 +427,7 @@ def out_of_fold_rates(
     smoothing: float,
 ) -> npt.NDArray[np.float64]:
     """Smoothed target rate of each entity computed without each fold's own rows."""
-    per_fold = _flat(work.groupby([key, FOLD_COLUMN]).agg({target: ["sum", "count"]}).compute())
+    per_fold = _flat(compute(work.groupby([key, FOLD_COLUMN]).agg({target: ["sum", "count"]})))
     per_fold = per_fold.rename(columns={f"{target}_sum": "pos", f"{target}_count": "n"})
     per_fold = per_fold.reset_index()
     rows = np.searchsorted(keys_sorted, per_fold[key].to_numpy())
@@ -563,8 +584,8 @@ def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histog
     }
 
 
-def raw_dtypes(ddf: dd.DataFrame) -> dict[str, str]:
-    return {c: str(t) for c, t in ddf.dtypes.items()}
+def raw_dtypes(frame: Any) -> dict[str, str]:
+    return {c: str(t) for c, t in frame.dtypes.items()}
 
 
 def save_transform(spec: TransformSpec, lookups: Lookups, directory: Path) -> None:
@@ -638,14 +659,16 @@ def _run_etl(
     d, fcfg, s = cfg.data, cfg.features, cfg.split
     clock = StageClock(progress)
     clock("reading")
-    raw = read_raw(files, cfg, roles, backend)
+    single = use_single_frame(cfg.etl_frames, device=backend.device, gpu_count=gpu_count())
+    raw = read_raw_frame(files, cfg, roles, backend) if single else read_raw(files, cfg, roles)
     clock("splitting")
     cuts = (
         time_cuts(raw, d.timestamp, d.id, s.valid_fraction, s.test_fraction, s.seed)
         if d.timestamp
         else None
     )
-    raw = raw.map_partitions(
+    raw = map_frame(
+        raw,
         assign_split,
         target=d.target,
         timestamp=d.timestamp,
@@ -655,9 +678,9 @@ def _run_etl(
         seed=s.seed,
         id_col=d.id,
     )
-    raw = raw.persist()
+    raw = persisted(raw)
     train = raw[raw[SPLIT_COLUMN] == 0]
-    n_train, pos_train = dask.compute(train[d.target].count(), train[d.target].sum())
+    n_train, pos_train = computed(train[d.target].count(), train[d.target].sum())
     n_train = int(n_train)
     if n_train == 0:
         raise DataError(f"{d.source}: the training split is empty")
@@ -701,13 +724,12 @@ def _run_etl(
         "keep": keep,
         "oof": oof,
     }
-    meta = derived_partition(raw._meta, **part_args)
-    derived = raw.map_partitions(derived_partition, **part_args, meta=meta).persist()
+    derived = persisted(map_frame(raw, derived_partition, **part_args))
 
     clock("fitting numeric imputation, clipping and scaling")
     train_derived = derived[derived[SPLIT_COLUMN] == 0]
     sample = hash_sample(train_derived, d.id, n_train, STATS_SAMPLE_ROWS, s.seed)
-    sample_frame = sample.compute()
+    sample_frame = compute(sample)
     numeric = fit_numeric(sample_frame, numeric_names, fcfg.clip_quantiles)
     spec = draft.model_copy(update={"numeric": numeric})
     names = spec.feature_names
@@ -721,18 +743,14 @@ def _run_etl(
     save_transform(spec, lookups, root / "transform")
 
     clock("writing feature parquet")
-    matrix_meta = matrix_partition(meta, spec=spec.model_dump(), keep=keep)
-    matrix = derived.map_partitions(
-        matrix_partition, spec=spec.model_dump(), keep=keep, meta=matrix_meta
-    )
+    matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
     for code, split in enumerate(SPLITS):
         part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
-        part.to_parquet(str(root / "features" / split), write_index=False)
-    counts = derived[SPLIT_COLUMN].value_counts().compute()
-    counts = _to_pandas(counts)
+        write_parquet_dir(part, root / "features" / split)
+    counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
     rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
     raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
-    raw_test.to_parquet(str(root / "raw_test"), write_index=False)
+    write_parquet_dir(raw_test, root / "raw_test")
     out = EtlOutput(root, fingerprint, backend.device, rows)
     timings = clock.finish()
     (root / "etl.json").write_text(

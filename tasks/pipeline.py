@@ -81,7 +81,7 @@ def config_to_toml(cfg: PipelineConfig) -> str:
     """Serialize a config to TOML that `load_config` reads back to an equal config."""
     tree = cfg.model_dump(exclude_none=True)
     lines = [f"# written by gpupipe; edit freely\ndevice = {toml_value(tree.pop('device'))}"]
-    for key in ("home", "etl_partition_rows"):
+    for key in [k for k, v in tree.items() if not isinstance(v, dict)]:  # top-level settings
         lines.append(f"{key} = {toml_value(tree.pop(key))}")
     for section, body in tree.items():
         lines.append(f"\n[{section}]")

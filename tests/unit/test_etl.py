@@ -77,7 +77,10 @@ def test_second_run_reuses_output(etl: tuple[EtlOutput, Path], raw_dataset: Path
     assert (out.root / "etl.json").stat().st_mtime_ns == stamp
 
 
-def test_user_csv_without_timestamp_uses_stratified_split(tmp_path: Path, test_seed: int) -> None:
+@pytest.mark.parametrize("frames", ["dask", "single"])
+def test_user_csv_without_timestamp_uses_stratified_split(
+    tmp_path: Path, test_seed: int, frames: str
+) -> None:
     rng = np.random.default_rng(test_seed)
     n = 4000
     table = pd.DataFrame(
@@ -101,6 +104,7 @@ def test_user_csv_without_timestamp_uses_stratified_split(tmp_path: Path, test_s
                 "categorical": ["shop"],
             },
             "home": str(tmp_path / "home"),
+            "etl_frames": frames,
         }
     )
     out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
@@ -130,3 +134,59 @@ def test_hash_sample_is_deterministic_and_sized(test_seed: int) -> None:
     assert sorted(a.id) == sorted(b.id)  # membership depends on the id only, not on row order
     assert len(a) == pytest.approx(20_000, rel=0.05)
     assert set(a.id) != set(hash_sample_partition(frame, id_col="id", frac=0.1, seed=8).id)
+
+
+def assert_close_tree(got: object, want: object, where: str = "spec") -> None:
+    """Nested spec JSON equal, floats within 1e-9 relative (sums in another order)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_close_tree(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_close_tree(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-12), where
+    else:
+        assert got == want, where
+
+
+def test_single_frame_etl_equals_dask_etl(etl: tuple[EtlOutput, Path], tmp_path: Path) -> None:
+    """The in-memory path (what one GPU runs) gives the dask path's split, spec and features."""
+    by_dask, raw_dir = etl
+    cfg = builtin_config(raw_dir, tmp_path).model_copy(update={"etl_frames": "single"})
+    single = run_etl(cfg, CPU, tmp_path / "etl")
+    assert len(list(single.features_dir("train").glob("*.parquet"))) == 1
+    assert len(list(by_dask.features_dir("train").glob("*.parquet"))) > 1  # really two paths
+    assert single.rows == by_dask.rows
+    spec_single, lookups_single = load_transform(single.transform_dir)
+    spec_dask, lookups_dask = load_transform(by_dask.transform_dir)
+    assert_close_tree(spec_single.model_dump(), spec_dask.model_dump())
+    for key, table in lookups_dask.items():
+        for stat, values in table.items():
+            np.testing.assert_allclose(lookups_single[key][stat], values, rtol=1e-9, err_msg=stat)
+    for split in ("train", "valid", "test"):
+        a = pd.read_parquet(single.features_dir(split)).sort_values("transaction_id")
+        b = pd.read_parquet(by_dask.features_dir(split)).sort_values("transaction_id")
+        assert list(a.columns) == list(b.columns)
+        np.testing.assert_allclose(a.to_numpy(float), b.to_numpy(float), rtol=1e-6, atol=1e-7)
+    raw_a = pd.read_parquet(single.raw_test_dir).sort_values("transaction_id")
+    raw_b = pd.read_parquet(by_dask.raw_test_dir).sort_values("transaction_id")
+    pd.testing.assert_frame_equal(raw_a.reset_index(drop=True), raw_b.reset_index(drop=True))
+
+
+@pytest.mark.parametrize(
+    ("choice", "device", "gpus", "single"),
+    [
+        ("auto", "gpu", 1, True),
+        ("auto", "gpu", 2, False),
+        ("auto", "cpu", 0, False),
+        ("dask", "gpu", 1, False),
+        ("single", "cpu", 0, True),
+    ],
+)
+def test_single_frame_choice(choice: str, device: str, gpus: int, single: bool) -> None:
+    from tasks.frames import use_single_frame
+
+    assert use_single_frame(choice, device=device, gpu_count=gpus) is single  # type: ignore[arg-type]

@@ -32,9 +32,26 @@ def both_etls(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
 
 
 def test_gpu_etl_matches_cpu(both_etls) -> None:
+    """One GPU: the ETL holds one cuDF frame (etl_frames = auto -> single)."""
+    _, cpu, gpu = both_etls
+    assert len(list(gpu.features_dir("train").glob("*.parquet"))) == 1
+    assert_etls_match(cpu, gpu)
+
+
+def test_partitioned_gpu_etl_matches_cpu(both_etls, tmp_path: Path) -> None:
+    """The dask-cuDF path (what several GPUs run) on one GPU, forced."""
+    from tasks.etl import run_etl
+
+    cfg, cpu, _ = both_etls
+    cfg = cfg.model_copy(update={"etl_frames": "dask"})
+    gpu = run_etl(cfg, resolve_backend("gpu"), tmp_path / "etl-gpu-dask")
+    assert len(list(gpu.features_dir("train").glob("*.parquet"))) > 1
+    assert_etls_match(cpu, gpu)
+
+
+def assert_etls_match(cpu, gpu) -> None:  # type: ignore[no-untyped-def]
     from tasks.etl import load_transform
 
-    _, cpu, gpu = both_etls
     assert cpu.rows == gpu.rows
     spec_c, lk_c = load_transform(cpu.transform_dir)
     spec_g, lk_g = load_transform(gpu.transform_dir)

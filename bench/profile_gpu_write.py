@@ -1,0 +1,139 @@
+"""What the predictions write costs on the GPU, by how the table is built and encoded.
+
+A batch of predictions (id, score, label, model name, model version) is built on the device and
+written to one parquet file per input file with one `to_parquet(partition_offsets=...)` call, as
+`GpuEngine.write_batch` does. Each variant is timed side by side in one process (median of
+--repeats), with the file bytes per row, and read back to check the columns users see.
+
+    python bench/profile_gpu_write.py --rows 20000000 --files 20 --out /tmp/write.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MODEL_NAME = "gpupipe-xgboost"
+MODEL_VERSION = 7
+
+
+def build_table(ids: Any, probs: Any, labels: Any, name_as: str, version_dtype: str) -> Any:
+    """The predictions table; name_as: 'strings' (n copies), 'category' (codes + 1 string) or
+    'none' (no name/version columns: the floor)."""
+    import cudf
+    import cupy
+
+    n = len(ids)
+    data: dict[str, Any] = {"id": ids, "score": probs, "label": labels}
+    if name_as == "strings":
+        data["model_name"] = cudf.Series([MODEL_NAME]).repeat(n).reset_index(drop=True)
+    elif name_as == "category":
+        # repeating a one-category column repeats its small integer codes, not the string
+        data["model_name"] = (
+            cudf.Series([MODEL_NAME], dtype="category").repeat(n).reset_index(drop=True)
+        )
+    if name_as != "none":
+        data["model_version"] = cupy.full(n, MODEL_VERSION, version_dtype)
+    return cudf.DataFrame(data)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20_000_000)
+    p.add_argument("--files", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench-write"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    import cupy
+    import pyarrow.parquet as pq
+
+    from tasks.backend import use_async_device_memory
+
+    use_async_device_memory()  # as the scoring workers run
+    n = args.rows
+    rng = cupy.random.default_rng(0)
+    ids = cupy.arange(n, dtype=cupy.int64) * 7 + 11
+    probs = rng.random(n, dtype=cupy.float32)
+    labels = (probs >= 0.5).astype(cupy.int8)
+    per_file = n // args.files
+    offsets = [*(i * per_file for i in range(args.files)), n]
+
+    # (label, how the name is held, version dtype, to_parquet keyword arguments)
+    variants: list[tuple[str, str, str, dict[str, Any]]] = [
+        ("current: name strings, int64 version", "strings", "int64", {}),
+        ("name category", "category", "int64", {}),
+        ("name category, int32 version", "category", "int32", {}),
+        ("name category, no statistics", "category", "int64", {"statistics": "NONE"}),
+        ("name category, uncompressed", "category", "int64", {"compression": None}),
+        (
+            "name category, plain id/score",
+            "category",
+            "int64",
+            {"column_encoding": {"id": "PLAIN", "score": "PLAIN"}},
+        ),
+        ("floor: id, score, label only", "none", "int64", {}),
+    ]
+    report: dict[str, Any] = {"rows": n, "files": args.files, "variants": {}}
+
+    def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+        cupy.cuda.runtime.deviceSynchronize()
+        t = time.perf_counter()
+        value = fn()
+        cupy.cuda.runtime.deviceSynchronize()
+        return time.perf_counter() - t, value
+
+    for label, name_as, version_dtype, kwargs in variants:
+        out_dir = args.work / "out"
+        builds, writes = [], []
+        for _ in range(args.repeats + 1):  # the first is a warm-up
+            shutil.rmtree(out_dir, ignore_errors=True)
+            out_dir.mkdir(parents=True)
+            paths = [str(out_dir / f"part-{i:04d}.parquet") for i in range(args.files)]
+            build_s, table = timed(
+                lambda a=name_as, v=version_dtype: build_table(ids, probs, labels, a, v)
+            )
+            options = {"compression": "snappy", **kwargs}
+            write_s, _ = timed(
+                lambda t=table, ps=paths, o=options: t.to_parquet(
+                    ps, partition_offsets=offsets, index=False, **o
+                )
+            )
+            builds.append(build_s)
+            writes.append(write_s)
+        size = sum(Path(q).stat().st_size for q in paths)
+        back = pq.read_table(paths[0])
+        columns = {f.name: str(f.type) for f in back.schema}
+        name_ok = name_as == "none" or set(back.column("model_name").to_pylist()) == {MODEL_NAME}
+        score_ok = (
+            back.column("score").to_numpy().tolist() == cupy.asnumpy(probs[: offsets[1]]).tolist()
+        )
+        build_ms = statistics.median(builds[1:]) * 1e3 / (n / 1e6)
+        write_ms = statistics.median(writes[1:]) * 1e3 / (n / 1e6)
+        report["variants"][label] = {
+            "build_ms_per_1M": round(build_ms, 3),
+            "write_ms_per_1M": round(write_ms, 3),
+            "total_ms_per_1M": round(build_ms + write_ms, 3),
+            "bytes_per_row": round(size / n, 2),
+            "columns_read_back": columns,
+            "values_read_back_ok": bool(name_ok and score_ok),
+        }
+        print(f"{label}: {report['variants'][label]}", flush=True)
+        del table
+    shutil.rmtree(args.work, ignore_errors=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

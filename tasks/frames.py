@@ -1,0 +1,66 @@
+"""One ETL code path for two kinds of table: a dask DataFrame (partitions, a cluster, many GPUs)
+or one in-memory pandas/cuDF frame (the single-device path).
+
+Each helper does the dask thing to a dask collection and the direct thing to a concrete frame, so
+`tasks.etl` is written once and runs either way. On one GPU the direct way skips dask's graph
+building, tokenizing and scheduling, which cost more than the cuDF work itself (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dask
+from dask.base import is_dask_collection
+
+from tasks.config import EtlFrames
+
+PART_FILE = "part.0.parquet"  # the name dask gives the first partition's file
+
+
+def is_lazy(value: Any) -> bool:
+    """True for a dask collection (work still to be scheduled), False for concrete data."""
+    return bool(is_dask_collection(value))
+
+
+def computed(*values: Any) -> tuple[Any, ...]:
+    """The values, computed together (one dask graph) where any of them is lazy."""
+    if any(is_lazy(v) for v in values):
+        return tuple(dask.compute(*values))
+    return values
+
+
+def compute(value: Any) -> Any:
+    return value.compute() if is_lazy(value) else value
+
+
+def persisted(frame: Any) -> Any:
+    return frame.persist() if is_lazy(frame) else frame
+
+
+def map_frame(frame: Any, fn: Callable[..., Any], **kwargs: Any) -> Any:
+    """fn applied to each partition (dask; its output schema is fn of the empty frame) or to the
+    whole frame (in memory)."""
+    if is_lazy(frame):
+        return frame.map_partitions(fn, **kwargs, meta=fn(frame._meta, **kwargs))
+    return fn(frame, **kwargs)
+
+
+def write_parquet_dir(frame: Any, directory: Path) -> None:
+    """The frame as parquet files in `directory` without its index: one file per partition
+    (dask) or one file (in memory), named as dask names them so readers see one layout."""
+    if is_lazy(frame):
+        frame.to_parquet(str(directory), write_index=False)
+        return
+    directory.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(directory / PART_FILE, index=False)
+
+
+def use_single_frame(choice: EtlFrames, *, device: str, gpu_count: int) -> bool:
+    """Whether the ETL holds its table as one in-memory frame: `auto` does on exactly one GPU,
+    where dask's per-task overhead dominates; on CPU dask's partitions use every core."""
+    if choice != "auto":
+        return choice == "single"
+    return device == "gpu" and gpu_count == 1
