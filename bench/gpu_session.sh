@@ -74,9 +74,17 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
   profile_etl)  # one cuDF frame vs dask-cuDF partitions, stage timings side by side
     part profile_gpu_etl $py bench/profile_gpu_etl.py --rows "$rows" --frames auto,dask \
       --out "$out/profile_gpu_etl.json"
+    part profile_gpu_etl_kvikio16 env KVIKIO_NTHREADS=16 $py bench/profile_gpu_etl.py \
+      --rows "$rows" --frames auto --out "$out/profile_gpu_etl_kvikio16.json"
     ;;
-  write)  # predictions write cost by table layout and parquet options
+  write)  # predictions write cost by table layout and parquet options, then by file I/O settings
     part profile_gpu_write $py bench/profile_gpu_write.py --rows "$rows" --out "$out/profile_gpu_write.json"
+    part profile_gpu_write_shm $py bench/profile_gpu_write.py --rows "$rows" --quick \
+      --work /dev/shm/gpupipe-bench-write --out "$out/profile_gpu_write_shm.json"
+    for setting in LIBCUDF_CUFILE_POLICY=OFF KVIKIO_NTHREADS=8 KVIKIO_NTHREADS=16; do
+      part "profile_gpu_write_${setting}" env "$setting" $py bench/profile_gpu_write.py \
+        --rows "$rows" --quick --out "$out/profile_gpu_write_${setting}.json"
+    done
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -53,6 +54,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench-write"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--quick", action="store_true", help="only the current layout and the floor")
     args = p.parse_args()
 
     import cupy
@@ -72,19 +74,27 @@ def main() -> None:
     # (label, how the name is held, version dtype, to_parquet keyword arguments)
     variants: list[tuple[str, str, str, dict[str, Any]]] = [
         ("current: name strings, int64 version", "strings", "int64", {}),
-        ("name category", "category", "int64", {}),
-        ("name category, int32 version", "category", "int32", {}),
-        ("name category, no statistics", "category", "int64", {"statistics": "NONE"}),
-        ("name category, uncompressed", "category", "int64", {"compression": None}),
+        ("no statistics", "strings", "int64", {"statistics": "NONE"}),
+        ("uncompressed", "strings", "int64", {"compression": None}),
         (
-            "name category, plain id/score",
-            "category",
+            "plain id/score",
+            "strings",
             "int64",
             {"column_encoding": {"id": "PLAIN", "score": "PLAIN"}},
         ),
+        ("no dictionary", "strings", "int64", {"use_dictionary": False}),
         ("floor: id, score, label only", "none", "int64", {}),
+        ("floor, uncompressed", "none", "int64", {"compression": None}),
     ]
-    report: dict[str, Any] = {"rows": n, "files": args.files, "variants": {}}
+    if args.quick:
+        variants = [variants[0], variants[-2]]
+    report: dict[str, Any] = {
+        "rows": n,
+        "files": args.files,
+        "work": str(args.work),
+        "env": {k: v for k, v in os.environ.items() if k.startswith(("KVIKIO", "LIBCUDF"))},
+        "variants": {},
+    }
 
     def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
         cupy.cuda.runtime.deviceSynchronize()

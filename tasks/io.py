@@ -178,7 +178,8 @@ def value_problems(
 def check_files(files: Sequence[Path], roles: ColumnRoles, declared: str = "auto") -> None:
     """Schema and value checks over every input file; raises one DataError listing all problems.
 
-    Reads only each file's schema plus its target column, so it stays cheap on large inputs.
+    Reads each file's schema, then its target and id columns only where the parquet footer's
+    statistics cannot already show them valid, so it stays cheap on large inputs.
     """
     problems: list[str] = []
     for path in files:
@@ -188,12 +189,55 @@ def check_files(files: Sequence[Path], roles: ColumnRoles, declared: str = "auto
             problems.extend(found)
             continue
         check_cols = roles.of("target") + roles.of("id")
-        if table_format(path, declared) == "parquet" and count_rows(path, declared) == 0:
-            problems.append(f"{path}: empty file (0 rows)")
-            continue
+        if table_format(path, declared) == "parquet":
+            if count_rows(path, declared) == 0:
+                problems.append(f"{path}: empty file (0 rows)")
+                continue
+            if footer_shows_valid_values(path, roles):
+                continue
         frame = read_table(path, check_cols, declared)
         problems.extend(value_problems(frame, roles, path, unique_ids=False))
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise DataError(f"input data failed validation:\n  {shown}{more}")
+
+
+def footer_shows_valid_values(path: Path, roles: ColumnRoles) -> bool:
+    """True when the parquet footer's statistics prove what `value_problems` checks: an integer
+    or boolean target with no nulls and values within [0, 1], and ids not all null.
+
+    False means only "not proven": the caller then reads the columns and finds the problem, if
+    any, with its full message. Files written without statistics always read.
+    """
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except Exception:
+        return False
+    index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
+    groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
+    for col in roles.of("target"):
+        if col not in index or meta.schema.column(index[col]).physical_type not in (
+            "BOOLEAN",
+            "INT32",
+            "INT64",
+        ):
+            return False
+        for group in groups:
+            stats = group.column(index[col]).statistics
+            if stats is None or not stats.has_min_max or not stats.has_null_count:
+                return False
+            if stats.null_count or not (stats.min >= 0 and stats.max <= 1):
+                return False
+    for col in roles.of("id"):
+        if col not in index:
+            return False
+        nulls = 0
+        for group in groups:
+            stats = group.column(index[col]).statistics
+            if stats is None or not stats.has_null_count:
+                return False
+            nulls += stats.null_count
+        if nulls >= meta.num_rows:
+            return False
+    return True

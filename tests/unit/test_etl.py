@@ -190,3 +190,27 @@ def test_single_frame_choice(choice: str, device: str, gpus: int, single: bool) 
     from tasks.frames import use_single_frame
 
     assert use_single_frame(choice, device=device, gpu_count=gpus) is single  # type: ignore[arg-type]
+
+
+def test_training_rows_get_out_of_fold_entity_rates(etl: tuple[EtlOutput, Path]) -> None:
+    """A training row's entity target rate leaves out its own fold's rows (its own label)."""
+    from tasks.etl import FOLD_COLUMN, TARGET_FOLDS, id_hash
+
+    out, raw_dir = etl
+    spec, _ = load_transform(out.transform_dir)
+    cfg = builtin_config(raw_dir, out.root.parent.parent)
+    smoothing, prior = cfg.features.target_smoothing, spec.train_positive_rate
+    feats = pd.read_parquet(out.features_dir("train"))
+    raw = pd.read_parquet(raw_dir)
+    train = raw[raw.transaction_id.isin(feats.transaction_id)].copy()
+    train[FOLD_COLUMN] = id_hash(train, "transaction_id", cfg.split.seed + 1) % TARGET_FOLDS
+    total = train.groupby("card_id").is_fraud.agg(["sum", "count"])
+    fold = train.groupby(["card_id", FOLD_COLUMN]).is_fraud.agg(["sum", "count"])
+    keys = pd.MultiIndex.from_arrays([train.card_id, train[FOLD_COLUMN]])
+    pos = total["sum"].reindex(train.card_id).to_numpy() - fold["sum"].reindex(keys).to_numpy()
+    n = total["count"].reindex(train.card_id).to_numpy() - fold["count"].reindex(keys).to_numpy()
+    rate = (pos + smoothing * prior) / (n + smoothing)
+    feature = next(f for f in spec.numeric if f.name == "card_id__target_rate")
+    expected = (np.clip(rate, feature.lo, feature.hi) - feature.mean) / feature.std
+    got = feats.set_index("transaction_id").loc[train.transaction_id, feature.name].to_numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)

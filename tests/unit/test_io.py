@@ -66,6 +66,35 @@ def test_bad_file_error_names_file_column_reason(
     assert str(path) in message and repr(column) in message and reason in message
 
 
+@pytest.mark.parametrize(
+    ("mutate", "write_statistics", "proven"),
+    [
+        (lambda d: d, True, True),
+        (lambda d: d.assign(y=d.y.astype(bool)), True, True),
+        (lambda d: d, False, False),  # no statistics: the columns must be read
+        (lambda d: d.assign(y=d.y.astype(float)), True, False),  # 0.5 would fit [0, 1]
+        (lambda d: d.assign(y=[0, 1, 2, 0, 1]), True, False),
+        (lambda d: d.assign(y=pd.array([0, 1, None, 0, 1], dtype="Int64")), True, False),
+        (lambda d: d.assign(id=pd.array([None] * len(d), dtype="Int64")), True, False),
+        (lambda d: d.assign(id=pd.array([None, 1, None, 2, 3], dtype="Int64")), True, True),
+    ],
+)
+def test_footer_statistics_prove_valid_values_only_when_they_can(
+    tmp_path: Path, mutate, write_statistics: bool, proven: bool
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from tasks.io import footer_shows_valid_values
+
+    path = tmp_path / "f.parquet"
+    table = pa.Table.from_pandas(mutate(frame()), preserve_index=False)
+    pq.write_table(table, path, write_statistics=write_statistics, row_group_size=2)
+    assert footer_shows_valid_values(path, ROLES) is proven
+    if proven:
+        check_files([path], ROLES)  # and a file it proves valid passes
+
+
 def test_empty_file_is_named(tmp_path: Path) -> None:
     path = tmp_path / "empty.parquet"
     frame().iloc[:0].to_parquet(path)
