@@ -86,6 +86,10 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
         --rows "$rows" --quick --out "$out/profile_gpu_write_${setting}.json"
     done
     ;;
+  etl_write)  # the ETL's feature write: options, one call vs per split, threads, bounds
+    part profile_gpu_etl_write $py bench/profile_gpu_etl_write.py --rows "$rows" \
+      --out "$out/profile_gpu_etl_write.json"
+    ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
     ;;

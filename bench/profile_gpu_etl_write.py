@@ -1,0 +1,132 @@
+"""Where the GPU ETL's feature write goes: writer options, one call vs one per split, threads,
+and the bounds (device-to-host copy and a plain host file write of the same bytes).
+
+A synthetic feature table shaped like the ETL's (20M rows: 18 float32 model inputs of low, mid
+and high cardinality, an int64 id and an int8 target; splits 70/15/15) is written as the ETL
+writes it, one variant after another in one process (median of --repeats).
+
+    python bench/profile_gpu_etl_write.py --rows 20000000 --out /tmp/etl_write.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SPLITS = ("train", "valid", "test")
+
+
+def feature_table(rows: int) -> tuple[Any, Any]:
+    """(table, split codes) with the ETL's column kinds; rows ordered as read (splits mixed)."""
+    import cudf
+    import cupy
+
+    rng = cupy.random.default_rng(0)
+    data: dict[str, Any] = {}
+    for j in range(6):  # raw numerics and z-scores: nearly all values distinct
+        data[f"dense_{j}"] = rng.standard_normal(rows, dtype=cupy.float32)
+    for j in range(8):  # entity statistics: one value per entity (100k entities)
+        table = rng.standard_normal(100_000, dtype=cupy.float32)
+        data[f"entity_{j}"] = table[rng.integers(0, 100_000, rows)]
+    for j in range(4):  # encoded categories and time features: a few values
+        data[f"code_{j}"] = rng.integers(0, 24, rows).astype(cupy.float32)
+    data["id"] = cupy.arange(rows, dtype=cupy.int64)
+    data["target"] = (rng.random(rows) < 0.01).astype(cupy.int8)
+    split = cupy.searchsorted(cupy.asarray([0.7, 0.85]), rng.random(rows)).astype(cupy.int8)
+    return cudf.DataFrame(data), split
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20_000_000)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench-etl-write"))
+    p.add_argument("--shm", type=Path, default=Path("/dev/shm/gpupipe-bench-etl-write"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    import cupy
+    import numpy as np
+
+    table, split = feature_table(args.rows)
+    parts = {s: table[split == code] for code, s in enumerate(SPLITS)}
+    order = cupy.argsort(split, kind="stable")
+    by_split = table.take(order).reset_index(drop=True)
+    counts = [int((split == code).sum()) for code in range(len(SPLITS))]
+    offsets = [0, counts[0], counts[0] + counts[1], args.rows]
+
+    def per_split(root: Path, **options: Any) -> None:
+        for s, frame in parts.items():
+            (root / s).mkdir(parents=True, exist_ok=True)
+            frame.to_parquet(root / s / "part.0.parquet", index=False, **options)
+
+    def threaded(root: Path) -> None:
+        def one(item: tuple[str, Any]) -> None:
+            (root / item[0]).mkdir(parents=True, exist_ok=True)
+            item[1].to_parquet(root / item[0] / "part.0.parquet", index=False)
+
+        with ThreadPoolExecutor(len(parts)) as pool:
+            list(pool.map(one, parts.items()))
+
+    def one_call(root: Path) -> None:
+        paths = []
+        for s in SPLITS:
+            (root / s).mkdir(parents=True, exist_ok=True)
+            paths.append(str(root / s / "part.0.parquet"))
+        by_split.to_parquet(paths, partition_offsets=offsets, index=False)
+
+    def host_bounds(root: Path) -> None:
+        host = {name: cupy.asnumpy(col.values) for name, col in table.items()}
+        root.mkdir(parents=True, exist_ok=True)
+        with open(root / "raw.bin", "wb") as fh:
+            for values in host.values():
+                fh.write(np.ascontiguousarray(values).data)
+
+    def copy_only(root: Path) -> None:
+        _ = [cupy.asnumpy(col.values) for _, col in table.items()]
+
+    variants: list[tuple[str, Path, Callable[[Path], None]]] = [
+        ("per split (as the ETL writes)", args.work, lambda r: per_split(r)),
+        ("per split, uncompressed", args.work, lambda r: per_split(r, compression=None)),
+        ("per split, no dictionary", args.work, lambda r: per_split(r, use_dictionary=False)),
+        ("per split, no statistics", args.work, lambda r: per_split(r, statistics="NONE")),
+        ("per split, to /dev/shm", args.shm, lambda r: per_split(r)),
+        ("splits in 3 threads", args.work, threaded),
+        ("one call, partition_offsets", args.work, one_call),
+        ("bound: copy to host only", args.work, copy_only),
+        ("bound: copy + raw host file write", args.work, host_bounds),
+    ]
+    report: dict[str, Any] = {"rows": args.rows, "columns": len(table.columns), "variants": {}}
+    for label, root, fn in variants:
+        times = []
+        for _ in range(args.repeats + 1):  # the first run is a warm-up
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir(parents=True)
+            cupy.cuda.runtime.deviceSynchronize()
+            t = time.perf_counter()
+            fn(root)
+            cupy.cuda.runtime.deviceSynchronize()
+            times.append(time.perf_counter() - t)
+        size = sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        report["variants"][label] = {
+            "seconds": round(statistics.median(times[1:]), 4),
+            "bytes_per_row": round(size / args.rows, 2),
+        }
+        print(f"{label}: {report['variants'][label]}", flush=True)
+        shutil.rmtree(root, ignore_errors=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
