@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -216,7 +217,15 @@ app.command("score")(score_command)
 app.command("serve")(serve_command)
 
 
+def quiet_embedded_prefect_server() -> None:
+    """Turn off the usage telemetry of the temporary Prefect API a run starts (no PREFECT_API_URL)
+    unless the user chose: its background writes race the run's own on the server's SQLite file
+    and fill the log with "database is locked" tracebacks."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
 def main() -> None:
+    quiet_embedded_prefect_server()
     app()
 
 

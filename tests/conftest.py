@@ -35,6 +35,9 @@ def prefect_api() -> Iterator[None]:
     """A real, temporary Prefect API (ephemeral server with its own SQLite database)."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from flows.cli import quiet_embedded_prefect_server
+
+    quiet_embedded_prefect_server()  # as `gpupipe` runs it
     with prefect_test_harness(server_startup_timeout=120):
         yield
 
