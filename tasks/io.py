@@ -104,6 +104,15 @@ def peek_schema(path: Path, declared: str = "auto") -> pd.DataFrame:
         raise DataError(f"{path}: unreadable {fmt} file: {exc}") from exc
 
 
+def peek_parquet(path: Path) -> tuple[pd.DataFrame, int]:
+    """A parquet file's schema (as `peek_schema`) and row count from one read of its footer."""
+    try:
+        footer = pq.ParquetFile(path)
+        return footer.schema_arrow.empty_table().to_pandas(), int(footer.metadata.num_rows)
+    except Exception as exc:
+        raise DataError(f"{path}: unreadable parquet file: {exc}") from exc
+
+
 def count_rows(path: Path, declared: str = "auto") -> int:
     if table_format(path, declared) == "parquet":
         try:
@@ -183,14 +192,15 @@ def check_files(files: Sequence[Path], roles: ColumnRoles, declared: str = "auto
     """
     problems: list[str] = []
     for path in files:
-        schema = peek_schema(path, declared)
+        is_parquet = table_format(path, declared) == "parquet"
+        schema, rows = peek_parquet(path) if is_parquet else (peek_schema(path, declared), None)
         found = dtype_problems(schema, roles, path)
         if found:
             problems.extend(found)
             continue
         check_cols = roles.of("target") + roles.of("id")
-        if table_format(path, declared) == "parquet":
-            if count_rows(path, declared) == 0:
+        if is_parquet:
+            if rows == 0:
                 problems.append(f"{path}: empty file (0 rows)")
                 continue
             if footer_shows_valid_values(path, roles):

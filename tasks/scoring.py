@@ -73,6 +73,7 @@ from tasks.io import (
     discover_files,
     dtype_problems,
     files_fingerprint,
+    peek_parquet,
     peek_schema,
     read_table,
     table_format,
@@ -1352,17 +1353,24 @@ def _rows_or_zero(path: Path, fmt: str) -> int:
 
 def _checked_schema(
     path: Path, declared: str, roles: ColumnRoles
-) -> tuple[TableFormat, Any, str | None]:
-    """A file's format, its schema (an empty frame) and why it cannot be scored, or None: the
-    checks that read no data."""
+) -> tuple[TableFormat, Any, int, str | None]:
+    """A file's format, its schema (an empty frame), its row count and why it cannot be scored,
+    or None: the checks that read no data. A parquet file's footer is read once for all of
+    them; a CSV file's rows are counted (a scan) only when it is quarantined here."""
     fmt: TableFormat = "parquet"
+    rows = 0
     try:
         fmt = table_format(path, declared)
-        schema = peek_schema(path, fmt)
+        if fmt == "parquet":
+            schema, rows = peek_parquet(path)
+        else:
+            schema = peek_schema(path, fmt)
     except DataError as exc:
-        return fmt, None, str(exc)
+        return fmt, None, rows if fmt == "parquet" else _rows_or_zero(path, fmt), str(exc)
     problems = dtype_problems(schema, roles, path)
-    return fmt, schema, "; ".join(problems) if problems else None
+    if problems and fmt != "parquet":
+        rows = _rows_or_zero(path, fmt)
+    return fmt, schema, rows, "; ".join(problems) if problems else None
 
 
 def _done(job: ScoringJob, part: InputPartition) -> _Done | None:
@@ -1384,12 +1392,12 @@ def read_partition(
     """
     started = time.perf_counter()
     path = Path(part.path)
-    fmt, _, problem = _checked_schema(path, job.data_format, roles)
+    fmt, _, rows, problem = _checked_schema(path, job.data_format, roles)
     if problem is not None:
-        yield _Bad(part, problem, _rows_or_zero(path, fmt), started)
+        yield _Bad(part, problem, rows, started)
         return
     columns = roles.columns
-    total = _rows_or_zero(path, fmt) if fmt == "parquet" else None
+    total = rows if fmt == "parquet" else None
     try:
         if total is None or total <= job.partition_rows:
             frame = engine.read(path, fmt, columns, roles)
@@ -1495,12 +1503,11 @@ def _batch_member(
     """The file as a batch member; its `_Bad` when a check that reads no data fails; None for a
     file that `read_partition` reads on its own (CSV, empty, larger than one chunk)."""
     path = Path(part.path)
-    fmt, schema, problem = _checked_schema(path, job.data_format, roles)
+    fmt, schema, rows, problem = _checked_schema(path, job.data_format, roles)
     if problem is not None:
-        return _Bad(part, problem, _rows_or_zero(path, fmt), started)
+        return _Bad(part, problem, rows, started)
     if fmt != "parquet":
         return None
-    rows = _rows_or_zero(path, fmt)
     if not 0 < rows <= job.partition_rows:
         return None
     return _Member(part, rows, schema[roles.of("id")[0]].dtype)
