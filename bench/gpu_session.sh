@@ -90,6 +90,17 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     part profile_gpu_etl_write $py bench/profile_gpu_etl_write.py --rows "$rows" \
       --out "$out/profile_gpu_etl_write.json"
     ;;
+  pinned)  # libcudf's host buffers in pinned memory: writes with and without, side by side
+    pinned_env=(LIBCUDF_PINNED_POOL_SIZE=4294967296 LIBCUDF_ALLOCATE_HOST_AS_PINNED_THRESHOLD=4294967296)
+    part write_pageable $py bench/profile_gpu_etl_write.py --rows "$rows" --quick \
+      --out "$out/etl_write_pageable.json"
+    part write_pinned env "${pinned_env[@]}" $py bench/profile_gpu_etl_write.py --rows "$rows" \
+      --quick --out "$out/etl_write_pinned.json"
+    part pred_write_pageable $py bench/profile_gpu_write.py --rows "$rows" --quick \
+      --out "$out/pred_write_pageable.json"
+    part pred_write_pinned env "${pinned_env[@]}" $py bench/profile_gpu_write.py --rows "$rows" \
+      --quick --out "$out/pred_write_pinned.json"
+    ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
     ;;
