@@ -43,7 +43,14 @@ from tasks.gpu_features import (
     preprocess,
     to_host,
 )
-from tasks.io import ColumnRoles, DataError, check_files, discover_files, files_fingerprint
+from tasks.io import (
+    ColumnRoles,
+    DataError,
+    check_files,
+    discover_files,
+    files_fingerprint,
+    raw_bytes,
+)
 from tasks.numpy_features import (
     TIME_FEATURES_DEFAULT,
     feature_columns,
@@ -184,6 +191,16 @@ def gpu_count() -> int:
 
         return int(cupy.cuda.runtime.getDeviceCount())
     except Exception:  # no CUDA runtime at all; its errors come in many types
+        return 0
+
+
+def free_device_bytes() -> int:
+    """Free memory on the current CUDA device (0 without one)."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.memGetInfo()[0])
+    except Exception:  # no CUDA runtime at all
         return 0
 
 
@@ -664,7 +681,15 @@ def _run_etl(
     d, fcfg, s = cfg.data, cfg.features, cfg.split
     clock = StageClock(progress)
     clock("reading")
-    single = use_single_frame(cfg.etl_frames, device=backend.device, gpu_count=gpu_count())
+    gpus = gpu_count() if backend.device == "gpu" else 0
+    single, why = use_single_frame(
+        cfg.etl_frames,
+        device=backend.device,
+        gpu_count=gpus,
+        table_bytes=raw_bytes(files, roles.columns) if gpus == 1 else 0,
+        free_device_bytes=free_device_bytes() if gpus == 1 else 0,
+    )
+    progress(f"ETL table: {'one in-memory frame' if single else 'dask partitions'} ({why})")
     raw = read_raw_frame(files, cfg, roles, backend) if single else read_raw(files, cfg, roles)
     clock("splitting")
     cuts = (

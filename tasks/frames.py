@@ -58,9 +58,38 @@ def write_parquet_dir(frame: Any, directory: Path) -> None:
     frame.to_parquet(directory / PART_FILE, index=False)
 
 
-def use_single_frame(choice: EtlFrames, *, device: str, gpu_count: int) -> bool:
-    """Whether the ETL holds its table as one in-memory frame: `auto` does on exactly one GPU,
-    where dask's per-task overhead dominates; on CPU dask's partitions use every core."""
+# Peak device memory of the in-memory ETL over the raw columns' bytes: the raw table, its
+# derived features, the model matrix and the per-split copies written out are alive together.
+SINGLE_FRAME_MEMORY_FACTOR = 8
+
+
+def use_single_frame(
+    choice: EtlFrames,
+    *,
+    device: str,
+    gpu_count: int,
+    table_bytes: int,
+    free_device_bytes: int,
+) -> tuple[bool, str]:
+    """Whether the ETL holds its table as one in-memory frame, and why.
+
+    `auto` does on exactly one GPU when SINGLE_FRAME_MEMORY_FACTOR x the raw columns' bytes fit
+    in the GPU's free memory: there dask's per-task overhead dominates. Otherwise dask's
+    partitions: every CPU core, several GPUs, or a table larger than one GPU (partitions spill).
+    """
     if choice != "auto":
-        return choice == "single"
-    return device == "gpu" and gpu_count == 1
+        return choice == "single", f"etl_frames = {choice!r}"
+    if device != "gpu":
+        return False, "on CPU dask partitions use every core"
+    if gpu_count != 1:
+        return False, f"{gpu_count} GPUs visible: dask-cuDF partitions span them"
+    need = SINGLE_FRAME_MEMORY_FACTOR * table_bytes
+    if need > free_device_bytes:
+        return False, (
+            f"~{need / 2**30:.1f} GiB needed in memory, {free_device_bytes / 2**30:.1f} GiB free "
+            "on the GPU: dask-cuDF partitions (they spill)"
+        )
+    return True, (
+        f"one GPU with {free_device_bytes / 2**30:.1f} GiB free for ~{need / 2**30:.1f} GiB: "
+        "one in-memory cuDF frame"
+    )

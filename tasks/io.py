@@ -251,3 +251,36 @@ def footer_shows_valid_values(path: Path, roles: ColumnRoles) -> bool:
         if nulls >= meta.num_rows:
             return False
     return True
+
+
+def raw_bytes(files: Sequence[Path], columns: Sequence[str]) -> int:
+    """About how many bytes the columns take in memory once read, from parquet footers: rows x
+    width for fixed-width columns, the footer's uncompressed size plus 4-byte offsets for strings.
+    A CSV file counts its size (text is at least as large as the values it holds)."""
+    wanted = set(columns)
+    total = 0
+    for path in files:
+        if path.suffix.lower() == ".csv":
+            total += path.stat().st_size
+            continue
+        try:
+            footer = pq.ParquetFile(path)
+        except Exception:
+            total += path.stat().st_size
+            continue
+        meta, rows = footer.metadata, footer.metadata.num_rows
+        text_bytes: dict[str, int] = {}
+        for g in range(meta.num_row_groups):
+            group = meta.row_group(g)
+            for c in range(group.num_columns):
+                chunk = group.column(c)
+                name = chunk.path_in_schema.split(".")[0]
+                text_bytes[name] = text_bytes.get(name, 0) + int(chunk.total_uncompressed_size)
+        for field in footer.schema_arrow:
+            if field.name not in wanted:
+                continue
+            try:
+                total += rows * field.type.bit_width // 8
+            except ValueError:  # variable width (strings): values plus offsets
+                total += text_bytes.get(field.name, 0) + 4 * rows
+    return total

@@ -176,20 +176,49 @@ def test_single_frame_etl_equals_dask_etl(etl: tuple[EtlOutput, Path], tmp_path:
     pd.testing.assert_frame_equal(raw_a.reset_index(drop=True), raw_b.reset_index(drop=True))
 
 
+GIB = 2**30
+
+
 @pytest.mark.parametrize(
-    ("choice", "device", "gpus", "single"),
+    ("choice", "device", "gpus", "table_gib", "free_gib", "single"),
     [
-        ("auto", "gpu", 1, True),
-        ("auto", "gpu", 2, False),
-        ("auto", "cpu", 0, False),
-        ("dask", "gpu", 1, False),
-        ("single", "cpu", 0, True),
+        ("auto", "gpu", 1, 1, 78, True),
+        ("auto", "gpu", 1, 10, 78, False),  # 8 x 10 GiB does not fit: partitions, which spill
+        ("auto", "gpu", 2, 1, 78, False),
+        ("auto", "cpu", 0, 1, 0, False),
+        ("dask", "gpu", 1, 1, 78, False),
+        ("single", "cpu", 0, 1, 0, True),
+        ("single", "gpu", 1, 100, 78, True),  # the user's choice stands
     ],
 )
-def test_single_frame_choice(choice: str, device: str, gpus: int, single: bool) -> None:
+def test_single_frame_choice(
+    choice: str, device: str, gpus: int, table_gib: int, free_gib: int, single: bool
+) -> None:
     from tasks.frames import use_single_frame
 
-    assert use_single_frame(choice, device=device, gpu_count=gpus) is single  # type: ignore[arg-type]
+    chosen, why = use_single_frame(
+        choice,  # type: ignore[arg-type]
+        device=device,
+        gpu_count=gpus,
+        table_bytes=table_gib * GIB,
+        free_device_bytes=free_gib * GIB,
+    )
+    assert chosen is single
+    assert why
+
+
+def test_raw_bytes_counts_only_the_wanted_columns(raw_dataset: Path) -> None:
+    import pyarrow.parquet as pq
+
+    from tasks.io import raw_bytes
+
+    files = sorted(raw_dataset.glob("*.parquet"))
+    every = pq.read_schema(files[0]).names
+    whole = raw_bytes(files, every)
+    some = raw_bytes(files, every[:2])
+    assert 0 < some < whole
+    in_memory = sum(pq.read_table(f).nbytes for f in files)
+    assert whole == pytest.approx(in_memory, rel=0.5)  # footer sizes track in-memory sizes
 
 
 def test_training_rows_get_out_of_fold_entity_rates(etl: tuple[EtlOutput, Path]) -> None:
