@@ -321,7 +321,10 @@ def compare_scores(flow_out: Path, naive_out: Path, files: list[Path], n: int = 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from flows.cli import quiet_embedded_prefect_server
     from tasks.cluster import cpu_count
+
+    quiet_embedded_prefect_server()  # the flow runs here as `gpupipe score` runs it
 
     if args.device == "gpu":
         from tasks.backend import probe_gpu
