@@ -682,12 +682,13 @@ def _run_etl(
     clock = StageClock(progress)
     clock("reading")
     gpus = gpu_count() if backend.device == "gpu" else 0
+    sizes_matter = cfg.etl_frames == "auto" and gpus == 1  # footers read only when they decide
     single, why = use_single_frame(
         cfg.etl_frames,
         device=backend.device,
         gpu_count=gpus,
-        table_bytes=raw_bytes(files, roles.columns) if gpus == 1 else 0,
-        free_device_bytes=free_device_bytes() if gpus == 1 else 0,
+        table_bytes=raw_bytes(files, roles.columns) if sizes_matter else 0,
+        free_device_bytes=free_device_bytes() if sizes_matter else 0,
     )
     progress(f"ETL table: {'one in-memory frame' if single else 'dask partitions'} ({why})")
     raw = read_raw_frame(files, cfg, roles, backend) if single else read_raw(files, cfg, roles)
