@@ -13,7 +13,6 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -772,21 +771,17 @@ def _run_etl(
         update={"histograms": histograms(sample_matrix, names, fcfg.histogram_bins)}
     )
     spec = TransformSpec.model_validate(spec.model_dump())
+    save_transform(spec, lookups, root / "transform")
 
     clock("writing feature parquet")
-    # the transform's files are host-only writes (NumPy, pyarrow): they go on in a thread while
-    # the features are written, and are complete before etl.json marks the output done
-    with ThreadPoolExecutor(1, thread_name_prefix="gpupipe-etl-save") as pool:
-        transform_saved = pool.submit(save_transform, spec, lookups, root / "transform")
-        matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
-        for code, split in enumerate(SPLITS):
-            part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
-            write_parquet_dir(part, root / "features" / split)
-        counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
-        rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
-        raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
-        write_parquet_dir(raw_test, root / "raw_test")
-        transform_saved.result()  # its error, if any, is the ETL's
+    matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
+    for code, split in enumerate(SPLITS):
+        part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
+        write_parquet_dir(part, root / "features" / split)
+    counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
+    rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
+    raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
+    write_parquet_dir(raw_test, root / "raw_test")
     out = EtlOutput(root, fingerprint, backend.device, rows)
     timings = clock.finish()
     (root / "etl.json").write_text(
