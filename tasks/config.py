@@ -170,8 +170,8 @@ class PipelineConfig(_Strict):
     etl_frames: EtlFrames = Field(
         default="auto",
         description="How the ETL holds the table: 'dask' partitions (every CPU core, many GPUs), "
-        "'single' one in-memory pandas/cuDF frame, or 'auto': single on exactly one GPU, "
-        "dask otherwise. Both give the same features.",
+        "'single' one in-memory pandas/cuDF frame, or 'auto': single on exactly one GPU when "
+        "8x the raw columns fit in its free memory, dask otherwise. Both give the same features.",
     )
 
     @model_validator(mode="after")
