@@ -41,6 +41,7 @@ from tasks.gpu_features import (
     column_values,
     is_cudf,
     preprocess,
+    timestamps_us,
     to_host,
 )
 from tasks.io import (
@@ -240,7 +241,7 @@ def assign_split(
     else:
         folds = xp.asarray(rng.integers(0, TARGET_FOLDS, n).astype(np.int8))
     if timestamp is not None and cuts is not None:
-        ts = timestamp_micros(part[timestamp])
+        ts = timestamps_us(part[timestamp])  # NaT as the int64 minimum: below every cut
         valid_ts = ts != np.iinfo(np.int64).min
         labels = xp.zeros(n, xp.int8)
         labels[valid_ts & (ts >= cuts[0])] = 1
@@ -257,15 +258,6 @@ def assign_split(
             host_labels[idx[n_test : n_test + n_valid]] = 1
         labels = xp.asarray(host_labels)
     return part.assign(**{SPLIT_COLUMN: labels, FOLD_COLUMN: folds})
-
-
-def timestamp_micros(series: Any) -> Any:
-    """A pandas or cuDF timestamp column as int64 microseconds (NumPy or CuPy), missing ones as
-    the int64 minimum (NaT's value), so no comparison with a cut admits them."""
-    if is_cudf(series):
-        micros = series.astype("datetime64[us]").astype("int64")
-        return column_values(micros, np.int64, np.iinfo(np.int64).min)
-    return _host(series).astype("datetime64[us]").astype(np.int64)
 
 
 def id_hash(part: Any, id_col: str, seed: int) -> Any:

@@ -243,3 +243,25 @@ def test_training_rows_get_out_of_fold_entity_rates(etl: tuple[EtlOutput, Path])
     expected = (np.clip(rate, feature.lo, feature.hi) - feature.mean) / feature.std
     got = feats.set_index("transaction_id").loc[train.transaction_id, feature.name].to_numpy()
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_split_by_time_cuts_puts_missing_timestamps_in_train() -> None:
+    from tasks.etl import SPLIT_COLUMN, assign_split
+
+    ts = pd.to_datetime(["2026-01-01", "2026-02-01", None, "2026-03-01", "2026-04-01"]).astype(
+        "datetime64[us]"
+    )
+    frame = pd.DataFrame({"id": np.arange(5), "y": [0, 1, 0, 1, 0], "t": ts})
+    cut_valid = int(pd.Timestamp("2026-02-01").value // 1000)
+    cut_test = int(pd.Timestamp("2026-03-15").value // 1000)
+    out = assign_split(
+        frame,
+        target="y",
+        timestamp="t",
+        cuts=(cut_valid, cut_test),
+        valid_fraction=0.15,
+        test_fraction=0.15,
+        seed=1,
+        id_col="id",
+    )
+    assert out[SPLIT_COLUMN].tolist() == [0, 1, 0, 1, 2]
