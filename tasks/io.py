@@ -8,7 +8,7 @@ import hashlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import pyarrow.parquet as pq
@@ -104,11 +104,21 @@ def peek_schema(path: Path, declared: str = "auto") -> pd.DataFrame:
         raise DataError(f"{path}: unreadable {fmt} file: {exc}") from exc
 
 
-def peek_parquet(path: Path) -> tuple[pd.DataFrame, int]:
-    """A parquet file's schema (as `peek_schema`) and row count from one read of its footer."""
+@dataclass(frozen=True)
+class ParquetFooter:
+    """What a parquet file's footer tells without reading data."""
+
+    schema: pd.DataFrame  # empty, with the file's columns and pandas dtypes (as `peek_schema`)
+    rows: int
+    metadata: Any  # pyarrow FileMetaData: row groups and their column statistics
+
+
+def read_footer(path: Path) -> ParquetFooter:
+    """A parquet file's schema, row count and statistics from one read of its footer."""
     try:
         footer = pq.ParquetFile(path)
-        return footer.schema_arrow.empty_table().to_pandas(), int(footer.metadata.num_rows)
+        schema = footer.schema_arrow.empty_table().to_pandas()
+        return ParquetFooter(schema, int(footer.metadata.num_rows), footer.metadata)
     except Exception as exc:
         raise DataError(f"{path}: unreadable parquet file: {exc}") from exc
 
@@ -192,18 +202,18 @@ def check_files(files: Sequence[Path], roles: ColumnRoles, declared: str = "auto
     """
     problems: list[str] = []
     for path in files:
-        is_parquet = table_format(path, declared) == "parquet"
-        schema, rows = peek_parquet(path) if is_parquet else (peek_schema(path, declared), None)
+        footer = read_footer(path) if table_format(path, declared) == "parquet" else None
+        schema = footer.schema if footer is not None else peek_schema(path, declared)
         found = dtype_problems(schema, roles, path)
         if found:
             problems.extend(found)
             continue
         check_cols = roles.of("target") + roles.of("id")
-        if is_parquet:
-            if rows == 0:
+        if footer is not None:
+            if footer.rows == 0:
                 problems.append(f"{path}: empty file (0 rows)")
                 continue
-            if footer_shows_valid_values(path, roles):
+            if footer_shows_valid_values(footer.metadata, roles):
                 continue
         frame = read_table(path, check_cols, declared)
         problems.extend(value_problems(frame, roles, path, unique_ids=False))
@@ -213,17 +223,14 @@ def check_files(files: Sequence[Path], roles: ColumnRoles, declared: str = "auto
         raise DataError(f"input data failed validation:\n  {shown}{more}")
 
 
-def footer_shows_valid_values(path: Path, roles: ColumnRoles) -> bool:
-    """True when the parquet footer's statistics prove what `value_problems` checks: an integer
-    or boolean target with no nulls and values within [0, 1], and ids not all null.
+def footer_shows_valid_values(meta: Any, roles: ColumnRoles) -> bool:
+    """True when a parquet footer's statistics (`ParquetFooter.metadata`) prove what
+    `value_problems` checks: an integer or boolean target with no nulls and values within
+    [0, 1], and ids not all null.
 
     False means only "not proven": the caller then reads the columns and finds the problem, if
     any, with its full message. Files written without statistics always read.
     """
-    try:
-        meta = pq.ParquetFile(path).metadata
-    except Exception:
-        return False
     index = {meta.schema.column(i).name: i for i in range(meta.num_columns)}
     groups = [meta.row_group(g) for g in range(meta.num_row_groups)]
     for col in roles.of("target"):

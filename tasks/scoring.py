@@ -73,8 +73,8 @@ from tasks.io import (
     discover_files,
     dtype_problems,
     files_fingerprint,
-    peek_parquet,
     peek_schema,
+    read_footer,
     read_table,
     table_format,
     value_problems,
@@ -1362,7 +1362,8 @@ def _checked_schema(
     try:
         fmt = table_format(path, declared)
         if fmt == "parquet":
-            schema, rows = peek_parquet(path)
+            footer = read_footer(path)
+            schema, rows = footer.schema, footer.rows
         else:
             schema = peek_schema(path, fmt)
     except DataError as exc:
