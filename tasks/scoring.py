@@ -931,6 +931,11 @@ def dictionary_columns(spec: TransformSpec) -> list[str]:
     return [c for c in spec.raw_categorical if c not in other]
 
 
+def dictionary_columns_of(spec: TransformSpec, columns: Sequence[str]) -> list[str]:
+    """The `dictionary_columns` among the columns being read."""
+    return [c for c in dictionary_columns(spec) if c in columns]
+
+
 def read_parquet_frame(path: Path, columns: list[str], dictionary: list[str]) -> Any:
     """A parquet file with pandas, the `dictionary` columns as categoricals; on failure the
     plain read's DataError (naming the missing column or the reason)."""
@@ -972,7 +977,7 @@ class CpuEngine:
     def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any:
         if fmt == "csv":
             return read_csv_checked(path, columns, roles)
-        dictionary = [c for c in dictionary_columns(self.spec) if c in columns]
+        dictionary = dictionary_columns_of(self.spec, columns)
         return read_parquet_frame(path, columns, dictionary)
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
@@ -989,7 +994,7 @@ class CpuEngine:
     def read_many(self, paths: list[Path], columns: list[str]) -> Any:
         # one Arrow table, then one pandas conversion: categoricals of different files would
         # turn into object columns if concatenated as pandas frames
-        dictionary = [c for c in dictionary_columns(self.spec) if c in columns]
+        dictionary = dictionary_columns_of(self.spec, columns)
         return read_arrow_tables(paths, columns, dictionary).to_pandas()
 
     def score(self, frame: Any) -> ScoredChunk:
@@ -1112,7 +1117,7 @@ class GpuEngine:
     def _read_arrow(self, paths: list[Path], columns: list[str]) -> Any:
         """Parquet decoded on this thread's CPU, string categories kept dictionary-encoded (the
         transform then looks up each distinct value once, not each row)."""
-        strings = [c for c in dictionary_columns(self.spec) if c in columns]
+        strings = dictionary_columns_of(self.spec, columns)
         return read_arrow_tables(paths, columns, strings)
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
@@ -1122,7 +1127,7 @@ class GpuEngine:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            strings = [c for c in dictionary_columns(self.spec) if c in columns]
+            strings = dictionary_columns_of(self.spec, columns)
             try:
                 parquet = pq.ParquetFile(path, read_dictionary=strings)
                 for batch in parquet.iter_batches(batch_size=rows, columns=columns):
