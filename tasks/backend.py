@@ -45,14 +45,26 @@ def probe_gpu() -> tuple[bool, str]:
             f"GPU packages not installed: {', '.join(missing)} (pip install 'gpupipe[gpu]')",
         )
     try:
-        import cupy
-
-        count = int(cupy.cuda.runtime.getDeviceCount())
+        count = visible_gpus()
     except Exception as exc:  # CUDA driver errors come in many types
         return False, f"no usable CUDA device: {exc}"
     if count == 0:
         return False, "no CUDA device visible"
     return True, f"{count} CUDA device(s) with cuDF"
+
+
+def visible_gpus() -> int:
+    """CUDA devices this process can see (CUDA_VISIBLE_DEVICES applied); raises without CUDA."""
+    import cupy
+
+    return int(cupy.cuda.runtime.getDeviceCount())
+
+
+def free_device_bytes() -> int:
+    """Free memory on the current CUDA device; raises without CUDA."""
+    import cupy
+
+    return int(cupy.cuda.runtime.memGetInfo()[0])
 
 
 def use_async_device_memory() -> bool:

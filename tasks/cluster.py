@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import dask
 from distributed import Client
 
-from tasks.backend import Backend
+from tasks.backend import Backend, visible_gpus
 from tasks.config import ClusterConfig
 
 log = logging.getLogger(__name__)
@@ -144,13 +144,6 @@ def _local_cuda_cluster(cfg: ClusterConfig) -> Iterator[Any]:
     log.info("dask: LocalCUDACluster (one worker per GPU) %s", kwargs)
     with LocalCUDACluster(**kwargs) as cluster:
         yield cluster
-
-
-def visible_gpus() -> int:
-    """CUDA devices this process can see (CUDA_VISIBLE_DEVICES applied)."""
-    import cupy
-
-    return int(cupy.cuda.runtime.getDeviceCount())
 
 
 def worker_count(client: Client) -> int:

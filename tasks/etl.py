@@ -24,7 +24,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from kernels.reference import fused_preprocess_reference
-from tasks.backend import Backend
+from tasks.backend import Backend, free_device_bytes, visible_gpus
 from tasks.config import PipelineConfig
 from tasks.drift import array_module_of, matrix_bin_counts
 from tasks.frames import (
@@ -183,26 +183,6 @@ def read_parquet_files(paths: Sequence[str], columns: list[str]) -> Any:
     import cudf
 
     return cudf.read_parquet(list(paths), columns=columns)
-
-
-def gpu_count() -> int:
-    """CUDA devices visible to this process (0 without a CUDA runtime)."""
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # no CUDA runtime at all; its errors come in many types
-        return 0
-
-
-def free_device_bytes() -> int:
-    """Free memory on the current CUDA device (0 without one)."""
-    try:
-        import cupy
-
-        return int(cupy.cuda.runtime.memGetInfo()[0])
-    except Exception:  # no CUDA runtime at all
-        return 0
 
 
 def _host(values: Any) -> npt.NDArray[Any]:
@@ -673,7 +653,7 @@ def _run_etl(
     d, fcfg, s = cfg.data, cfg.features, cfg.split
     clock = StageClock(progress)
     clock("reading")
-    gpus = gpu_count() if backend.device == "gpu" else 0
+    gpus = visible_gpus() if backend.device == "gpu" else 0  # a GPU backend has CUDA
     sizes_matter = cfg.etl_frames == "auto" and gpus == 1  # footers read only when they decide
     single, why = use_single_frame(
         cfg.etl_frames,
