@@ -11,7 +11,7 @@ import pandas as pd
 from tasks import registry
 from tasks.bundle import LoadedBundle, frame_to_raw
 from tasks.etl import EtlOutput
-from tasks.train import classification_metrics
+from tasks.metrics import classification_metrics
 
 
 def score_raw_split(

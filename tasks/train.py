@@ -3,11 +3,13 @@ ONNX exports, parity checks between native and ONNX, and test-split metrics."""
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import shutil
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +25,7 @@ from tasks.bundle import read_bundle_json as read_bundle_json
 from tasks.config import MLPConfig, ModelConfig, XGBoostConfig
 from tasks.etl import EtlOutput
 from tasks.gpu_features import to_host
+from tasks.metrics import classification_metrics as classification_metrics  # re-exported
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,7 @@ MLP_WEIGHTS_FILE = "mlp_weights.npz"
 ONNX_INPUT = "input__0"
 ONNX_OUTPUT = "probability"
 PARITY_ROWS = 20_000
+MLP_PREDICT_ROWS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -85,22 +89,6 @@ def read_split(
         target=frame[target].to_numpy(np.float32),
         ids=frame[id_col].to_numpy(),
     )
-
-
-def classification_metrics(y: npt.NDArray[Any], p: npt.NDArray[Any]) -> dict[str, float]:
-    """ROC AUC, PR AUC (average precision) and log loss; AUCs are NaN on a single-class split."""
-    from sklearn.metrics import average_precision_score, log_loss, roc_auc_score
-
-    y = np.asarray(y).astype(int)
-    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
-    single = len(np.unique(y)) < 2
-    return {
-        "roc_auc": float("nan") if single else float(roc_auc_score(y, p)),
-        "pr_auc": float("nan") if single else float(average_precision_score(y, p)),
-        "log_loss": float(log_loss(y, p, labels=[0, 1])),
-        "rows": float(len(y)),
-        "positive_rate": float(y.mean()) if len(y) else float("nan"),
-    }
 
 
 def onnx_predict(onnx_path: Path, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -235,9 +223,9 @@ def trim_to_best(booster: Any) -> Any:
     return trimmed
 
 
-def xgboost_predict(booster: Any, features: Any) -> npt.NDArray[np.float32]:
-    out = booster.inplace_predict(features)
-    return to_host(out).astype(np.float32, copy=False)
+def xgboost_predict(booster: Any, features: Any) -> Any:
+    """Positive-class probability where the features are: NumPy in, NumPy out; CuPy in, CuPy out."""
+    return booster.inplace_predict(features).astype("float32", copy=False)
 
 
 def export_xgboost_onnx(booster: Any, n_features: int, path: Path) -> None:
@@ -299,12 +287,13 @@ def train_xgboost(
     copy_transform(etl, out_dir)
     booster.save_model(str(out_dir / XGB_FILE))
     export_xgboost_onnx(booster, len(feature_names), out_dir / ONNX_FILE)
-    p_test = xgboost_predict(booster, _to_device(test.features, backend))
+    # scored and evaluated where the test split is: on the device on GPU
+    p_test_scored = xgboost_predict(booster, _to_device(test.features, backend))
+    metrics = classification_metrics(test.target, p_test_scored)
+    p_test, y_test = to_host(p_test_scored), to_host(test.target)
     sample = slice(0, PARITY_ROWS)
     p_onnx = onnx_predict(out_dir / ONNX_FILE, to_host(test.features[sample]))
     diff = check_parity(p_test[sample], p_onnx, cfg.onnx_parity_atol, "xgboost")
-    y_test = to_host(test.target)
-    metrics = classification_metrics(y_test, p_test)
     best = int(booster.attr("best_iteration") or booster.num_boosted_rounds() - 1)
     params = {
         **xgboost_params(cfg.xgboost, backend, seed),
@@ -362,15 +351,89 @@ def build_mlp(n_features: int, hidden: list[int]) -> Any:
     return torch.nn.Sequential(*layers)
 
 
-def fit_mlp(train: SplitData, valid: SplitData, cfg: MLPConfig, backend: Backend, seed: int) -> Any:
-    """Mini-batch Adam on BCE; keeps the epoch with the best validation log loss."""
+def epoch_batches(order: Any, batch_size: int) -> Any:
+    """One epoch's row indices as [steps, batch_size]: the shuffled order cut into batches, the last
+    one topped up from the start of the order. Every row is used each epoch, and every step has the
+    same shape, which a step captured as a CUDA graph needs."""
+    import torch
+
+    n = int(order.shape[0])
+    steps = -(-n // batch_size)
+    positions = torch.arange(steps * batch_size, device=order.device) % n
+    return order[positions].view(steps, batch_size)
+
+
+TrainStep = Callable[[Any], None]
+
+
+def eager_train_step(model: Any, opt: Any, x: Any, y: Any) -> TrainStep:
+    """One Adam step on the BCE of the rows `idx` of (x, y)."""
+    import torch
+
+    loss_fn = torch.nn.BCEWithLogitsLoss()
+
+    def step(idx: Any) -> None:
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x[idx]).squeeze(1), y[idx]).backward()
+        opt.step()
+
+    return step
+
+
+class CudaGraphTrainStep:
+    """A training step replayed from a CUDA graph: one launch per step instead of the ~30 kernel
+    launches and the Python autograd work of an eager step, which bound a small MLP on a GPU.
+
+    The first `warmup` calls run the step eagerly on a side stream (lazy initialisation and the
+    optimizer's state happen there, as capture requires); they are real training steps. The next
+    call captures the step reading its rows from a fixed index buffer, and every call from then on
+    copies its indices into that buffer and replays the graph. The optimizer must be capturable."""
+
+    def __init__(self, step: TrainStep, batch_size: int, device: Any, warmup: int = 3) -> None:
+        import torch
+
+        self._torch = torch
+        self._step = step
+        self._warmup_left = warmup
+        self._idx = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self._graph: Any = None
+
+    def __call__(self, idx: Any) -> None:
+        torch = self._torch
+        if self._warmup_left:
+            self._warmup_left -= 1
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self._step(idx)
+            torch.cuda.current_stream().wait_stream(side)
+            return
+        self._idx.copy_(idx)
+        if self._graph is None:
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._step(self._idx)
+        self._graph.replay()
+
+
+def fit_mlp(
+    train: SplitData,
+    valid: SplitData,
+    cfg: MLPConfig,
+    backend: Backend,
+    seed: int,
+    cuda_graph: bool = True,
+) -> Any:
+    """Mini-batch Adam on BCE; keeps the epoch with the best validation log loss. On CUDA each
+    step replays a captured CUDA graph unless `cuda_graph` is False (same steps, launched eagerly)."""
     import torch
 
     torch.manual_seed(seed)
     device = torch.device(backend.torch_device)
-    rng = np.random.default_rng(seed)
+    on_cuda = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(seed)
     n = min(len(train.target), cfg.max_train_rows)
-    rows = torch.as_tensor(rng.permutation(len(train.target))[:n], device=device)
+    rows = torch.randperm(len(train.target), generator=gen, device=device)[:n]
     # torch reads NumPy and CuPy (via __cuda_array_interface__) without a host round trip
     # cuDF hands over column-major matrices; gathering mini-batch rows from one is a strided
     # gather per step, so make the training matrix row-major once
@@ -379,21 +442,21 @@ def fit_mlp(train: SplitData, valid: SplitData, cfg: MLPConfig, backend: Backend
     xv = torch.as_tensor(valid.features, device=device).contiguous()
     yv = torch.as_tensor(valid.target, device=device)
     model = build_mlp(x.shape[1], cfg.hidden).to(device)
-    # one fused kernel per step on CUDA instead of several per parameter tensor: the MLP is small,
-    # so its steps are bound by kernel launches
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, fused=device.type == "cuda")
+    use_graph = on_cuda and cuda_graph
+    # fused: one kernel per step for all parameters; capturable: its step count stays on the
+    # device, so the step can be captured in a CUDA graph
+    opt = torch.optim.Adam(
+        model.parameters(), lr=cfg.learning_rate, fused=on_cuda, capturable=use_graph
+    )
+    eager = eager_train_step(model, opt, x, y)
+    step = CudaGraphTrainStep(eager, cfg.batch_size, device) if use_graph else eager
     loss_fn = torch.nn.BCEWithLogitsLoss()
     best_loss, best_state = float("inf"), None
-    gen = torch.Generator(device="cpu").manual_seed(seed)
     for _epoch in range(cfg.epochs):
         model.train()
-        order = torch.randperm(n, generator=gen).to(device)
-        for start in range(0, n, cfg.batch_size):
-            idx = order[start : start + cfg.batch_size]
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x[idx]).squeeze(1), y[idx])
-            loss.backward()
-            opt.step()
+        order = torch.randperm(n, generator=gen, device=device)
+        for idx in epoch_batches(order, cfg.batch_size):
+            step(idx)
         model.eval()
         with torch.no_grad():
             vloss = float(loss_fn(model(xv).squeeze(1), yv))
@@ -405,12 +468,28 @@ def fit_mlp(train: SplitData, valid: SplitData, cfg: MLPConfig, backend: Backend
     return model.cpu().eval()
 
 
-def mlp_predict(model: Any, features: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+def mlp_predict(model: Any, features: Any) -> Any:
+    """Positive-class probability where the features are: NumPy in, NumPy out (torch on the CPU);
+    CuPy in, CuPy out (a copy of the model on CUDA). Scored in chunks of MLP_PREDICT_ROWS rows."""
     import torch
 
+    on_cuda = hasattr(features, "__cuda_array_interface__")
+    device = torch.device("cuda" if on_cuda else "cpu")
+    net = copy.deepcopy(model).to(device) if on_cuda else model
+    x = torch.as_tensor(features, device=device, dtype=torch.float32)
     with torch.no_grad():
-        logits = model(torch.as_tensor(np.ascontiguousarray(features, np.float32)))
-        return torch.sigmoid(logits).squeeze(1).numpy().astype(np.float32)
+        out = torch.cat(
+            [
+                torch.sigmoid(net(x[start : start + MLP_PREDICT_ROWS])).squeeze(1)
+                for start in range(0, x.shape[0], MLP_PREDICT_ROWS)
+            ]
+            or [torch.empty(0, device=device)]
+        )
+    if on_cuda:
+        import cupy
+
+        return cupy.from_dlpack(out)
+    return out.numpy()
 
 
 def export_mlp_onnx(model: Any, n_features: int, path: Path) -> None:
@@ -454,13 +533,13 @@ def train_mlp(
     copy_transform(etl, out_dir)
     np.savez(out_dir / MLP_WEIGHTS_FILE, **{k: v.numpy() for k, v in model.state_dict().items()})
     export_mlp_onnx(model, len(feature_names), out_dir / ONNX_FILE)
-    test_features = to_host(test.features)
-    p_test = mlp_predict(model, test_features)
+    # scored and evaluated where the test split is: on the device on GPU
+    p_test_scored = mlp_predict(model, test.features)
+    metrics = classification_metrics(test.target, p_test_scored)
+    p_test, y_test = to_host(p_test_scored), to_host(test.target)
     sample = slice(0, PARITY_ROWS)
-    p_onnx = onnx_predict(out_dir / ONNX_FILE, test_features[sample])
+    p_onnx = onnx_predict(out_dir / ONNX_FILE, to_host(test.features[sample]))
     diff = check_parity(p_test[sample], p_onnx, cfg.onnx_parity_atol, "mlp")
-    y_test = to_host(test.target)
-    metrics = classification_metrics(y_test, p_test)
     params = {**cfg.mlp.model_dump(), "device": backend.torch_device, "seed": seed}
     write_bundle_json(
         out_dir,

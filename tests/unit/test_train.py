@@ -95,3 +95,38 @@ def test_xgboost_trains_across_a_dask_cluster(trained, tmp_path: Path) -> None:
     assert model.params["dask_workers"] == 2
     assert model.parity_max_abs_diff <= 1e-5
     assert abs(model.metrics["roc_auc"] - single.metrics["roc_auc"]) < 0.05
+
+
+@pytest.mark.parametrize(("rows", "batch_size"), [(10, 4), (12, 4), (3, 8), (1000, 256)])
+def test_epoch_batches_use_every_row_in_equal_batches(rows: int, batch_size: int) -> None:
+    import torch
+
+    from tasks.train import epoch_batches
+
+    order = torch.randperm(rows, generator=torch.Generator().manual_seed(rows))
+    batches = epoch_batches(order, batch_size)
+    steps = -(-rows // batch_size)
+    assert tuple(batches.shape) == (steps, batch_size)
+    flat = batches.flatten()
+    # the order first, in order; then the top-up: the order again from its start
+    assert torch.equal(flat[:rows], order)
+    topped = flat[rows:]
+    assert torch.equal(topped, order.repeat(-(-topped.numel() // rows) or 1)[: topped.numel()])
+
+
+def test_mlp_predict_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    import tasks.train
+    from tasks.train import build_mlp, mlp_predict
+
+    torch.manual_seed(0)
+    model = build_mlp(5, [8]).eval()
+    x = np.random.default_rng(0).standard_normal((50, 5)).astype(np.float32)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(torch.as_tensor(x))).squeeze(1).numpy()
+    monkeypatch.setattr(tasks.train, "MLP_PREDICT_ROWS", 7)
+    got = mlp_predict(model, x)
+    assert got.shape == (50,)
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
+    assert mlp_predict(model, x[:0]).shape == (0,)
