@@ -10,6 +10,7 @@
 #   bash bench/gpu_session.sh batch      # GPU tests + batch-mode scoring profile
 #   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings, one frame vs dask, + cProfile
 #   bash bench/gpu_session.sh write      # predictions write cost by table layout and options
+#   bash bench/gpu_session.sh mlp        # MLP fit: CUDA-graph steps vs eager vs the CPU
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -100,6 +101,12 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --out "$out/pred_write_pageable.json"
     part pred_write_pinned env "${pinned_env[@]}" $py bench/profile_gpu_write.py --rows "$rows" \
       --quick --out "$out/pred_write_pinned.json"
+    ;;
+  mlp)  # MLP fit alone: CUDA-graph steps vs eager steps vs the CPU, 1 and 4 epochs
+    for epochs in 1 4; do
+      part "profile_mlp_fit_${epochs}ep" $py bench/profile_mlp_fit.py --rows "${MLP_ROWS:-2000000}" \
+        --epochs "$epochs" --out "$out/profile_mlp_fit_${epochs}ep.json"
+    done
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
