@@ -592,7 +592,10 @@ def save_transform(spec: TransformSpec, lookups: Lookups, directory: Path) -> No
         frame = pd.DataFrame({entity.key: lookup["key"]})
         for stat in ("count", "mean", "std", "target_rate"):
             frame[entity.stat_column(stat)] = lookup[stat]
-        frame.to_parquet(directory / f"{entity.file_stem}.parquet", index=False)
+        # unique keys and continuous statistics: dictionary pages would only cost time
+        frame.to_parquet(
+            directory / f"{entity.file_stem}.parquet", index=False, use_dictionary=False
+        )
 
 
 def run_etl(
