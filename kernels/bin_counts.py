@@ -81,7 +81,14 @@ def _build(interpret: bool) -> Any:
         import triton.language as language
 
         tl = language
-        _KERNELS[mode] = (triton.jit(_add), triton.jit(_at_least_kernel))
+        # one compiled kernel for every matrix size: Triton otherwise specialises integer
+        # arguments on divisibility by 16, so a matrix of another row count can compile the
+        # kernel again. stride_col stays specialised: it is 1 for a row-major matrix, which
+        # keeps the loads coalesced
+        _KERNELS[mode] = (
+            triton.jit(_add),
+            triton.jit(_at_least_kernel, do_not_specialize=["n", "k", "stride_row"]),
+        )
     _column_add, kernel = _KERNELS[mode]
     return kernel
 
