@@ -54,7 +54,7 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     rm -rf /tmp/gpupipe-bench/gpu/etl /tmp/gpupipe-bench/cpu/etl  # time the ETL, not its reuse
     part bench_pipeline $py bench/bench_pipeline.py --rows "$rows" --devices gpu,cpu \
       --cpu-workers "${CPU_WORKERS:-16}" --trees 200 --depth 8 --mlp-epochs 1 \
-      --warmup-rows "${WARMUP_ROWS:-300000}" --out "$out/bench_pipeline.json"
+      --warmup-rows "${WARMUP_ROWS:-3000000}" --out "$out/bench_pipeline.json"
     ;;
   profile)
     part profile_gpu_scoring $py bench/profile_gpu_scoring.py --work /tmp/gpupipe-bench-scoring \
