@@ -14,22 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from tasks.drift import array_module_of
+
 PROBABILITY_CLIP = 1e-7
-
-
-def array_module(values: Any) -> Any:
-    """CuPy for CuPy arrays, NumPy for everything else."""
-    if hasattr(values, "__cuda_array_interface__"):
-        import cupy
-
-        return cupy
-    return np
 
 
 def classification_metrics(y: Any, p: Any) -> dict[str, float]:
     """ROC AUC, PR AUC (average precision) and log loss of scores `p` for 0/1 labels `y`; the
     AUCs are NaN when `y` has a single class. Log loss clips `p` to [1e-7, 1 - 1e-7]."""
-    xp = array_module(p)
+    xp = array_module_of(p)
     y = xp.asarray(y).reshape(-1).astype(xp.int64)
     p = xp.asarray(p).reshape(-1)
     rows = int(y.shape[0])
