@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+import warnings
 from pathlib import Path
 from typing import Any, Literal
 
@@ -166,13 +167,30 @@ class PipelineConfig(_Strict):
     cluster: ClusterConfig = ClusterConfig()
     device: DeviceChoice = "auto"
     home: str = ".gpupipe"
-    etl_partition_rows: int = Field(default=1_000_000, ge=1000)
+    etl_partition_rows: int | None = Field(
+        default=None,
+        ge=1000,
+        description="Deprecated and ignored: the ETL's dask partitions follow its input (dask's "
+        "defaults for parquet and CSV). Still accepted so older configs load; will be removed.",
+    )
     etl_frames: EtlFrames = Field(
         default="auto",
         description="How the ETL holds the table: 'dask' partitions (every CPU core, many GPUs), "
         "'single' one in-memory pandas/cuDF frame, or 'auto': single on exactly one GPU when "
         "8x the raw columns fit in its free memory, dask otherwise. Both give the same features.",
     )
+
+    @field_validator("etl_partition_rows")
+    @classmethod
+    def _etl_partition_rows_is_ignored(cls, value: int | None) -> int | None:
+        if value is not None:
+            warnings.warn(
+                "etl_partition_rows is ignored (the ETL's dask partitions follow its input) and "
+                "will be removed: delete it from the config",
+                FutureWarning,
+                stacklevel=2,
+            )
+        return value
 
     @model_validator(mode="after")
     def _entities_known(self) -> PipelineConfig:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,14 @@ def test_config_round_trips_through_toml(tmp_path: Path) -> None:
     cfg = builtin_config(tmp_path / "data", tmp_path / "home", **{"model.mlp.hidden": [8, 4]})
     again = load_config(write(tmp_path, config_to_toml(cfg)))
     assert again == cfg
+
+
+def test_ignored_etl_partition_rows_still_loads_with_a_warning(tmp_path: Path) -> None:
+    with pytest.warns(FutureWarning, match="etl_partition_rows is ignored"):
+        cfg = load_config(write(tmp_path, "etl_partition_rows = 500000\n" + GOOD))
+    assert cfg.etl_partition_rows == 500000
+    # a config that does not set it loads silently, and the TOML gpupipe writes leaves it out
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        quiet = load_config(write(tmp_path, GOOD))
+    assert "etl_partition_rows" not in config_to_toml(quiet)
