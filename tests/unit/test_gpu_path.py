@@ -25,7 +25,10 @@ def both_etls(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     from tasks.etl import run_etl
 
     home = tmp_path_factory.mktemp("gpu-home")
-    cfg = builtin_config(raw_dataset, home, **{"model.xgboost.n_estimators": 50})
+    # batches of 512 rows: the default 4096 gives the MLP only a few steps on this small table
+    cfg = builtin_config(
+        raw_dataset, home, **{"model.xgboost.n_estimators": 50, "model.mlp.batch_size": 512}
+    )
     cpu = run_etl(cfg, resolve_backend("cpu"), home / "etl-cpu")
     gpu = run_etl(cfg, resolve_backend("gpu"), home / "etl-gpu")
     return cfg, cpu, gpu
