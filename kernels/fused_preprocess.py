@@ -43,6 +43,9 @@ AUTOTUNE_CONFIGS: tuple[tuple[int, int], ...] = (
 # on a GPU, where launch overhead dominates and a tuning pass per size bucket would not pay off.
 FIXED_CONFIG: tuple[int, int] = (128, 4)
 AUTOTUNE_MIN_ROWS = 1 << 20
+# Keep the autotuner's choice per key in Triton's on-disk cache, so a new process (each scoring
+# worker, each `gpupipe run`) reads it instead of timing every configuration again.
+AUTOTUNE_CACHE_RESULTS = True
 
 _OUT_DTYPES = {"float32": "float32", "float16": "float16"}
 _KERNELS: dict[str, Any] = {}
@@ -164,6 +167,7 @@ def _build_kernels(interpret: bool) -> dict[str, Any]:
                 for b, w in AUTOTUNE_CONFIGS
             ],
             key=["K_NUM", "K_CAT", "IDX64", "n_bucket"],
+            cache_results=AUTOTUNE_CACHE_RESULTS,
         )(jitted)
     _KERNELS[mode] = kernels
     return kernels
