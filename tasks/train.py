@@ -381,7 +381,7 @@ def eager_train_step(model: Any, opt: Any, x: Any, y: Any) -> TrainStep:
 
 
 class CudaGraphTrainStep:
-    """A training step replayed from a CUDA graph: one launch per step instead of the ~30 kernel
+    """A training step replayed from a CUDA graph: one launch per step instead of the many kernel
     launches and the Python autograd work of an eager step, which bound a small MLP on a GPU.
 
     The first `warmup` calls run the step eagerly on a side stream (lazy initialisation and the
