@@ -271,11 +271,11 @@ def raw_bytes(files: Sequence[Path], columns: Sequence[str]) -> int:
             total += path.stat().st_size
             continue
         try:
-            footer = pq.ParquetFile(path)
-        except Exception:
+            meta = read_footer(path).metadata
+        except DataError:  # unreadable here: the file's size, and the ETL's read reports it
             total += path.stat().st_size
             continue
-        meta, rows = footer.metadata, footer.metadata.num_rows
+        rows = meta.num_rows
         text_bytes: dict[str, int] = {}
         for g in range(meta.num_row_groups):
             group = meta.row_group(g)
@@ -283,7 +283,7 @@ def raw_bytes(files: Sequence[Path], columns: Sequence[str]) -> int:
                 chunk = group.column(c)
                 name = chunk.path_in_schema.split(".")[0]
                 text_bytes[name] = text_bytes.get(name, 0) + int(chunk.total_uncompressed_size)
-        for field in footer.schema_arrow:
+        for field in meta.schema.to_arrow_schema():
             if field.name not in wanted:
                 continue
             try:
