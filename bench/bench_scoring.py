@@ -52,8 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--unique-rows",
         type=int,
         default=20_000_000,
-        help="generate at most this many distinct rows; further files are copies (ids repeat "
-        "across files, never within one), which keeps generating 100M+ rows fast",
+        help="generate at most this many distinct rows; further files are copies with their "
+        "ids shifted (every id stays unique), which keeps generating 100M+ rows fast",
     )
     p.add_argument(
         "--partition-rows", type=int, default=0, help="flow partition_rows; 0 = rows per file"
@@ -84,22 +84,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def make_inputs(work: Path, rows: int, files: int, unique_rows: int, seed: int) -> list[Path]:
-    """`files` parquet files holding `rows` rows; beyond `unique_rows`, files are copies."""
+    """`files` parquet files holding `rows` rows; beyond `unique_rows`, files are copies whose
+    ids are shifted past every generated id, so ids stay unique across all files (as a real
+    input's would, and as the flow's whole-batch id check expects)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tasks.generate import generate_transactions
 
     per_file = math.ceil(rows / files)
     unique_files = max(1, min(files, math.ceil(unique_rows / per_file)))
     src = work / f"unique-{unique_files}x{per_file}-s{seed}"
     made = generate_transactions(unique_files * per_file, src, seed=seed, rows_per_file=per_file)
-    inputs = work / f"input-{files}x{per_file}-s{seed}"
+    inputs = work / f"input-{files}x{per_file}-s{seed}-unique-ids"
     inputs.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for i in range(files):
-        dest = inputs / f"part-{i:05d}.parquet"
-        if not dest.exists():
-            shutil.copyfile(made[i % unique_files], dest)
-        paths.append(dest)
+    paths = [inputs / f"part-{i:05d}.parquet" for i in range(files)]
+    id_span = unique_files * per_file  # generated ids are 1..id_span
+
+    def place(i: int) -> None:
+        dest = paths[i]
+        if dest.exists():
+            return
+        copy, source = divmod(i, unique_files)
+        tmp = dest.with_name(dest.name + ".tmp")
+        if copy == 0:
+            shutil.copyfile(made[source], tmp)
+        else:
+            shift_ids(made[source], tmp, "transaction_id", copy * id_span)
+        tmp.rename(dest)
+
+    with ThreadPoolExecutor(max_workers=min(16, files)) as pool:
+        list(pool.map(place, range(files)))
     return paths
+
+
+def shift_ids(source: Path, dest: Path, id_column: str, offset: int) -> None:
+    """Copy a parquet file with `offset` added to its id column."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from tasks.generate import COMPRESSION
+
+    table = pq.read_table(source)
+    index = table.schema.get_field_index(id_column)
+    shifted = pc.add(table.column(index), offset)
+    pq.write_table(table.set_column(index, id_column, shifted), dest, compression=COMPRESSION)
 
 
 def build_champion(args: argparse.Namespace, work: Path) -> tuple[str, Path]:

@@ -30,11 +30,11 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 
-def prepare(work: Path, rows: int, files: int) -> tuple[list[Path], Path]:
+def prepare(work: Path, rows: int, files: int, device: str = "gpu") -> tuple[list[Path], Path]:
     import bench_scoring
 
     args = bench_scoring.parse_args(
-        ["--device", "gpu", "--rows", str(rows), "--files", str(files), "--work", str(work)]
+        ["--device", device, "--rows", str(rows), "--files", str(files), "--work", str(work)]
     )
     paths = bench_scoring.make_inputs(work, rows, files, args.unique_rows, args.seed)
     _, bundle = bench_scoring.build_champion(args, work)

@@ -1010,3 +1010,47 @@ def test_local_cpu_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.Monkey
         omp = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
     assert list(found.values()) == [None]
     assert list(omp.values()) == ["1"]  # the other pre-spawn settings stay
+
+
+def test_shared_gpu_worker_specs_give_each_worker_its_gpu_first() -> None:
+    from tasks.cluster import shared_gpu_worker_specs
+
+    specs = shared_gpu_worker_specs(["0", "GPU-b"], workers_per_gpu=2, threads_per_worker=3)
+    assert sorted(specs) == ["gpu0-0", "gpu0-1", "gpu1-0", "gpu1-1"]
+    visible = {name: spec["options"]["env"]["CUDA_VISIBLE_DEVICES"] for name, spec in specs.items()}
+    assert visible == {
+        "gpu0-0": "0,GPU-b",
+        "gpu0-1": "0,GPU-b",
+        "gpu1-0": "GPU-b,0",
+        "gpu1-1": "GPU-b,0",
+    }
+    for spec in specs.values():
+        assert spec["options"]["nthreads"] == 3
+        assert spec["options"]["memory_limit"] == 0.25  # host memory split four ways
+        assert spec["options"]["env"]["CUDF_SPILL"] == "on"
+    with pytest.raises(ValueError, match="device"):
+        shared_gpu_worker_specs([], workers_per_gpu=2, threads_per_worker=1)
+
+
+def test_shared_gpu_worker_specs_start_a_real_cluster() -> None:
+    """The specs as dask starts them (no GPU needed: nothing is preloaded): two worker processes
+    per named device, each with its device first in CUDA_VISIBLE_DEVICES."""
+    from distributed import Client, Scheduler, SpecCluster
+
+    from tasks.cluster import shared_gpu_worker_specs
+
+    specs = shared_gpu_worker_specs(["3", "5"], workers_per_gpu=2, threads_per_worker=1, preload=[])
+    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
+    with SpecCluster(workers=specs, scheduler=scheduler) as cluster, Client(cluster) as client:
+        client.wait_for_workers(4, timeout=120)
+        seen = client.run(lambda: os.environ["CUDA_VISIBLE_DEVICES"])
+        pids = client.run(os.getpid)
+    assert sorted(seen.values()) == ["3,5", "3,5", "5,3", "5,3"]
+    assert len(set(pids.values())) == 4  # separate processes
+
+
+def test_visible_device_ids_follow_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.cluster import visible_device_ids
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, GPU-abc ,")
+    assert visible_device_ids() == ["2", "GPU-abc"]
