@@ -412,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
         from tasks.cluster import dask_client
         from tasks.config import load_config
 
-        cfg = load_config(config, {"cluster.n_workers": args.workers} if args.workers else None)
+        cfg = load_config(config, flow_overrides(args))  # the cluster the flow would make
         with dask_client(cfg.cluster, resolve_backend(args.device)) as client:
             address = client.scheduler.address
             secs, warm = run_flow(args, config, inputs, work / "out-flow-warm", address)

@@ -11,6 +11,7 @@
 #   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings, one frame vs dask, + cProfile
 #   bash bench/gpu_session.sh write      # predictions write cost by table layout and options
 #   bash bench/gpu_session.sh mlp        # MLP fit: CUDA-graph steps vs eager vs the CPU
+#   bash bench/gpu_session.sh processes  # scoring processes sharing one GPU; flow 1 vs 2 per GPU
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -106,6 +107,17 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     for epochs in 1 4; do
       part "profile_mlp_fit_${epochs}ep" $py bench/profile_mlp_fit.py --rows "${MLP_ROWS:-2000000}" \
         --epochs "$epochs" --out "$out/profile_mlp_fit_${epochs}ep.json"
+    done
+    ;;
+  processes)  # scoring processes sharing the GPU: alone (no dask), then the flow, 1 vs 2 per GPU
+    part profile_gpu_processes $py bench/profile_gpu_processes.py --rows "$rows" \
+      --processes "${PROCESSES:-1,2,3,4}" --out "$out/profile_gpu_processes.json"
+    part gpu_scoring_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu \
+      tests/flows/test_batch_scoring.py tests/unit/test_scoring.py
+    for wpg in ${WORKERS_PER_GPU:-1 2}; do
+      part "bench_scoring_wpg${wpg}" $py bench/bench_scoring.py --rows "$rows" \
+        --files "${FILES:-20}" --device gpu --work /tmp/gpupipe-bench-scoring \
+        --set "cluster.workers_per_gpu=$wpg" --out "$out/bench_scoring_wpg${wpg}.json"
     done
     ;;
   tests)
