@@ -92,7 +92,7 @@ def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace
     with ctx:
         etl, t_etl = timed(run_etl, cfg, backend, home / "etl")
     spec, _ = load_transform(etl.transform_dir)
-    fit_args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, backend)
+    fit_args = (etl, spec.feature_names, spec.target_column, cfg.model, backend)
     xgb, t_xgb = timed(train_xgboost, *fit_args, home / "xgb", 0)
     etl_stages = json.loads((etl.root / "etl.json").read_text()).get("stage_seconds", {})
     stages = {

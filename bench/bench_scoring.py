@@ -167,9 +167,7 @@ def build_champion(args: argparse.Namespace, work: Path) -> tuple[str, Path]:
         backend = resolve_backend(args.device)
         etl = run_etl(cfg, backend, home / "etl")
         spec, _ = load_transform(etl.transform_dir)
-        train = read_split(
-            etl, "train", spec.feature_names, spec.target_column, spec.id_column, backend
-        )
+        train = read_split(etl, "train", spec.feature_names, spec.target_column, backend)
         params = {
             "objective": "binary:logistic",
             "tree_method": "hist",

@@ -12,6 +12,7 @@
 #   bash bench/gpu_session.sh write      # predictions write cost by table layout and options
 #   bash bench/gpu_session.sh mlp        # MLP fit: CUDA-graph steps vs eager vs the CPU
 #   bash bench/gpu_session.sh processes  # scoring processes sharing one GPU; flow 1 vs 2 per GPU
+#   bash bench/gpu_session.sh train_stage  # cProfile of the MLP and XGBoost stages beyond the fit
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -118,6 +119,13 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       part "bench_scoring_wpg${wpg}" $py bench/bench_scoring.py --rows "$rows" \
         --files "${FILES:-20}" --device gpu --work /tmp/gpupipe-bench-scoring \
         --set "cluster.workers_per_gpu=$wpg" --out "$out/bench_scoring_wpg${wpg}.json"
+    done
+    ;;
+  train_stage)  # cProfile of each training stage beyond its fit, on the scoring bench's 20M rows
+    for model in mlp xgboost; do
+      part "profile_train_stage_${model}" $py bench/profile_train_stage.py --device gpu \
+        --model "$model" --data "${TRAIN_DATA:-/tmp/gpupipe-bench-scoring/unique-20x1000000-s0}" \
+        --out "$out/profile_train_stage_${model}.json"
     done
     ;;
   tests)

@@ -35,7 +35,7 @@ def synthetic_split(rows: int, seed: int) -> Any:
     x = rng.standard_normal((rows, FEATURES), dtype=np.float32)
     logit = -5.0 + 1.5 * x[:, 0] - x[:, 1] + 0.5 * x[:, 2] * x[:, 3]
     y = (rng.random(rows) < 1 / (1 + np.exp(-logit))).astype(np.float32)
-    return SplitData(x, y, np.arange(rows, dtype=np.int64))
+    return SplitData(x, y)
 
 
 def on_device(split: Any, device: str) -> Any:
@@ -48,7 +48,6 @@ def on_device(split: Any, device: str) -> Any:
     return SplitData(
         torch.as_tensor(split.features, device=device),
         torch.as_tensor(split.target, device=device),
-        split.ids,
     )
 
 

@@ -90,7 +90,6 @@ def train_task(
         etl_out,
         spec.feature_names,
         spec.target_column,
-        spec.id_column,
         cfg.model,
         resolve_backend(device),
         out_dir,

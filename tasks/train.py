@@ -45,7 +45,6 @@ class SplitData:
 
     features: Any
     target: Any
-    ids: npt.NDArray[Any]
 
 
 @dataclass
@@ -65,29 +64,24 @@ def read_split(
     split: str,
     feature_names: list[str],
     target: str,
-    id_col: str,
     backend: Backend | None = None,
 ) -> SplitData:
-    """Load one split's features as a float32 matrix, target and ids.
+    """Load one split's features as a float32 matrix and its target; only those columns are read.
 
     On GPU the parquet is read by cuDF and the arrays are CuPy: the data stays on the device.
     """
     if backend is not None and backend.device == "gpu":
         import cudf
 
-        frame = cudf.read_parquet(
-            str(etl.features_dir(split)), columns=[*feature_names, target, id_col]
-        )
+        frame = cudf.read_parquet(str(etl.features_dir(split)), columns=[*feature_names, target])
         return SplitData(
             features=frame[feature_names].to_cupy(dtype="float32"),
             target=frame[target].to_cupy(dtype="float32"),
-            ids=frame[id_col].to_numpy(),
         )
-    frame = pd.read_parquet(etl.features_dir(split))
+    frame = pd.read_parquet(etl.features_dir(split), columns=[*feature_names, target])
     return SplitData(
         features=np.ascontiguousarray(frame[feature_names].to_numpy(np.float32)),
         target=frame[target].to_numpy(np.float32),
-        ids=frame[id_col].to_numpy(),
     )
 
 
@@ -262,7 +256,6 @@ def train_xgboost(
     etl: EtlOutput,
     feature_names: list[str],
     target: str,
-    id_col: str,
     cfg: ModelConfig,
     backend: Backend,
     out_dir: Path,
@@ -270,8 +263,7 @@ def train_xgboost(
 ) -> TrainedModel:
     """Fit, save UBJ + ONNX, check parity on test rows, compute test metrics."""
     train, valid, test = (
-        read_split(etl, s, feature_names, target, id_col, backend)
-        for s in ("train", "valid", "test")
+        read_split(etl, s, feature_names, target, backend) for s in ("train", "valid", "test")
     )
     client = active_dask_client()
     workers = len(client.scheduler_info().get("workers", {})) if client is not None else 0
@@ -516,15 +508,13 @@ def train_mlp(
     etl: EtlOutput,
     feature_names: list[str],
     target: str,
-    id_col: str,
     cfg: ModelConfig,
     backend: Backend,
     out_dir: Path,
     seed: int,
 ) -> TrainedModel:
     train, valid, test = (
-        read_split(etl, s, feature_names, target, id_col, backend)
-        for s in ("train", "valid", "test")
+        read_split(etl, s, feature_names, target, backend) for s in ("train", "valid", "test")
     )
     started = time.perf_counter()
     model = fit_mlp(train, valid, cfg.mlp, backend, seed)

@@ -63,7 +63,7 @@ def small_bundles(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory): 
     cfg = builtin_config(raw_dataset, home, **SMALL_MODELS)
     etl = run_etl(cfg, cpu, home / "etl")
     spec, _ = load_transform(etl.transform_dir)
-    args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, cpu)
+    args = (etl, spec.feature_names, spec.target_column, cfg.model, cpu)
     xgb = train_xgboost(*args, home / "xgb", 0)
     mlp = train_mlp(*args, home / "mlp", 0)
     return etl, {"xgboost": xgb.bundle_dir, "mlp": mlp.bundle_dir}

@@ -78,7 +78,7 @@ def scoring_setup(
     backend = resolve_backend("cpu")
     etl = run_etl(cfg, backend, home / "etl")
     spec, _ = load_transform(etl.transform_dir)
-    args = (spec.feature_names, spec.target_column, spec.id_column)
+    args = (spec.feature_names, spec.target_column)
     first = train_xgboost(etl, *args, cfg.model, backend, home / "bundle-a", 0)
     other = cfg.model.model_copy(
         update={"xgboost": cfg.model.xgboost.model_copy(update={"max_depth": 3})}

@@ -140,7 +140,7 @@ def test_cuda_graph_mlp_steps_equal_eager_steps(both_etls) -> None:
     gpu_backend = resolve_backend("gpu")
     spec, _ = load_transform(gpu.transform_dir)
     train, valid = (
-        read_split(gpu, s, spec.feature_names, spec.target_column, spec.id_column, gpu_backend)
+        read_split(gpu, s, spec.feature_names, spec.target_column, gpu_backend)
         for s in ("train", "valid")
     )
     mlp_cfg = MLPConfig(epochs=2, batch_size=512, hidden=[32, 16])

@@ -75,9 +75,8 @@ def bundle_dir(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     etl = run_etl(cfg, backend, home / "etl")
     spec, _ = load_transform(etl.transform_dir)
     model = train_xgboost(
-        etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, backend,
-        home / "bundle", 0,
-    )  # fmt: skip
+        etl, spec.feature_names, spec.target_column, cfg.model, backend, home / "bundle", 0
+    )
     return model.bundle_dir
 
 

@@ -27,7 +27,7 @@ def trained(raw_dataset: Path, tmp_path_factory: pytest.TempPathFactory):
     cfg = builtin_config(raw_dataset, home, **SMALL)
     etl = run_etl(cfg, CPU, home / "etl")
     spec, _ = load_transform(etl.transform_dir)
-    args = (etl, spec.feature_names, spec.target_column, spec.id_column, cfg.model, CPU)
+    args = (etl, spec.feature_names, spec.target_column, cfg.model, CPU)
     xgb = train_xgboost(*args, home / "xgb", 0)
     mlp = train_mlp(*args, home / "mlp", 0)
     return etl, xgb, mlp
@@ -89,9 +89,7 @@ def test_xgboost_trains_across_a_dask_cluster(trained, tmp_path: Path) -> None:
         ) as cluster,
         Client(cluster),
     ):
-        model = train_xgboost(
-            etl, spec.feature_names, spec.target_column, spec.id_column, cfg, CPU, tmp_path, 0
-        )
+        model = train_xgboost(etl, spec.feature_names, spec.target_column, cfg, CPU, tmp_path, 0)
     assert model.params["dask_workers"] == 2
     assert model.parity_max_abs_diff <= 1e-5
     assert abs(model.metrics["roc_auc"] - single.metrics["roc_auc"]) < 0.05
