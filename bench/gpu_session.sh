@@ -11,7 +11,7 @@
 #   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings, one frame vs dask, + cProfile
 #   bash bench/gpu_session.sh write      # predictions write cost by table layout and options
 #   bash bench/gpu_session.sh mlp        # MLP fit: CUDA-graph steps vs eager vs the CPU
-#   bash bench/gpu_session.sh processes  # scoring processes sharing one GPU; flow 1 vs 2 per GPU
+#   bash bench/gpu_session.sh processes  # scoring processes sharing one GPU, no dask or Prefect
 #   bash bench/gpu_session.sh train_stage  # cProfile of the MLP and XGBoost stages beyond the fit
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
@@ -110,16 +110,9 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
         --epochs "$epochs" --out "$out/profile_mlp_fit_${epochs}ep.json"
     done
     ;;
-  processes)  # scoring processes sharing the GPU: alone (no dask), then the flow, 1 vs 2 per GPU
+  processes)  # scoring processes sharing one GPU (score_partitions alone, no dask or Prefect)
     part profile_gpu_processes $py bench/profile_gpu_processes.py --rows "$rows" \
       --processes "${PROCESSES:-1,2,3,4}" --out "$out/profile_gpu_processes.json"
-    part gpu_scoring_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu \
-      tests/flows/test_batch_scoring.py tests/unit/test_scoring.py
-    for wpg in ${WORKERS_PER_GPU:-1 2}; do
-      part "bench_scoring_wpg${wpg}" $py bench/bench_scoring.py --rows "$rows" \
-        --files "${FILES:-20}" --device gpu --work /tmp/gpupipe-bench-scoring \
-        --set "cluster.workers_per_gpu=$wpg" --out "$out/bench_scoring_wpg${wpg}.json"
-    done
     ;;
   train_stage)  # cProfile of each training stage beyond its fit, on the scoring bench's 20M rows
     for model in mlp xgboost; do

@@ -2,10 +2,9 @@
 loads a model bundle once, not once per partition.
 
 Three kinds of cluster: an existing scheduler (`tcp://host:8786`, for many machines), or a local
-one made for the run: on GPU `dask_cuda.LocalCUDACluster` (one worker per GPU, RMM on
-cudaMallocAsync or a pool, cuDF spilling), or with `cluster.workers_per_gpu` > 1 several plain
-dask worker processes per GPU; on CPU `distributed.LocalCluster` (one single-threaded worker
-process per core).
+one made for the run: `dask_cuda.LocalCUDACluster` (one worker per GPU, RMM on cudaMallocAsync or a
+pool, cuDF spilling) on GPU, `distributed.LocalCluster` (one single-threaded worker process per
+core) on CPU.
 """
 
 from __future__ import annotations
@@ -14,7 +13,7 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -80,8 +79,7 @@ def dask_client(
             yield client
         return
     if backend.device == "gpu":
-        local = _local_cuda_cluster if cluster_cfg.workers_per_gpu == 1 else _shared_gpu_cluster
-        with _quiet_dask(), local(cluster_cfg) as cluster, Client(cluster) as client:
+        with _quiet_dask(), _local_cuda_cluster(cluster_cfg) as cluster, Client(cluster) as client:
             yield client
         return
     from distributed import LocalCluster
@@ -145,74 +143,6 @@ def _local_cuda_cluster(cfg: ClusterConfig) -> Iterator[Any]:
         kwargs["device_memory_limit"] = cfg.device_memory_limit
     log.info("dask: LocalCUDACluster (one worker per GPU) %s", kwargs)
     with LocalCUDACluster(**kwargs) as cluster:
-        yield cluster
-
-
-# Imported when each worker of a shared-GPU cluster starts, as LocalCUDACluster's pre_import does.
-GPU_WORKER_PRELOAD = ("cudf", "cupy", "xgboost")
-
-
-def visible_device_ids() -> list[str]:
-    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs)."""
-    env = os.environ.get("CUDA_VISIBLE_DEVICES", "").strip()
-    if env:
-        return [d.strip() for d in env.split(",") if d.strip()]
-    return [str(i) for i in range(visible_gpus())]
-
-
-def shared_gpu_worker_specs(
-    devices: Sequence[str],
-    workers_per_gpu: int,
-    threads_per_worker: int,
-    preload: Sequence[str] = GPU_WORKER_PRELOAD,
-) -> dict[str, dict[str, Any]]:
-    """Dask SpecCluster worker specs: `workers_per_gpu` nanny processes for each device.
-
-    Each worker sees every device, its own first (CUDA_VISIBLE_DEVICES rotated, as dask-cuda
-    does), so it computes on its GPU and can still reach the others; cuDF spilling is on, and
-    host memory is split evenly between all workers.
-    """
-    from distributed import Nanny
-
-    if workers_per_gpu < 1 or not devices:
-        raise ValueError(f"need >= 1 device and worker per GPU, got {devices}, {workers_per_gpu}")
-    memory_fraction = 1.0 / (len(devices) * workers_per_gpu)
-    specs: dict[str, dict[str, Any]] = {}
-    for g in range(len(devices)):
-        visible = ",".join([*devices[g:], *devices[:g]])
-        for j in range(workers_per_gpu):
-            specs[f"gpu{g}-{j}"] = {
-                "cls": Nanny,
-                "options": {
-                    "nthreads": threads_per_worker,
-                    "env": {"CUDA_VISIBLE_DEVICES": visible, "CUDF_SPILL": "on"},
-                    "memory_limit": memory_fraction,
-                    "preload": list(preload),
-                    "dashboard_address": ":0",
-                },
-            }
-    return specs
-
-
-@contextmanager
-def _shared_gpu_cluster(cfg: ClusterConfig) -> Iterator[Any]:
-    """`cfg.workers_per_gpu` worker processes per GPU. dask-cuda's LocalCUDACluster makes one
-    per GPU; with several, one worker's parquet reads and writes (host threads, the disk) run
-    while another's kernels use the GPU."""
-    from distributed import Scheduler, SpecCluster
-
-    devices = visible_device_ids()
-    if cfg.n_workers is not None:
-        devices = devices[: cfg.n_workers]
-    specs = shared_gpu_worker_specs(devices, cfg.workers_per_gpu, cfg.threads_per_worker)
-    log.info(
-        "dask: %d worker process(es) on each of %d GPU(s) %s",
-        cfg.workers_per_gpu,
-        len(devices),
-        devices,
-    )
-    scheduler = {"cls": Scheduler, "options": {"dashboard_address": ":0"}}
-    with SpecCluster(workers=specs, scheduler=scheduler, name="gpupipe-shared-gpu") as cluster:
         yield cluster
 
 

@@ -141,24 +141,10 @@ class ScoringConfig(_Strict):
 
 class ClusterConfig(_Strict):
     address: str | None = Field(default=None, description="Existing scheduler; None = local.")
-    n_workers: int | None = Field(
-        default=None,
-        ge=1,
-        description="Local cluster: worker processes on CPU (None = one per core); on GPU, "
-        "the GPUs used (None = every visible GPU).",
-    )
+    n_workers: int | None = Field(default=None, ge=1)
     threads_per_worker: int = Field(default=1, ge=1)
-    workers_per_gpu: int = Field(
-        default=1,
-        ge=1,
-        description="Local GPU cluster: worker processes sharing each GPU. 1 = dask-cuda's "
-        "LocalCUDACluster; more = that many plain dask workers per GPU, so one worker's file "
-        "reads and writes overlap another's GPU work (each allocates through cudaMallocAsync).",
-    )
     rmm_pool_size: str | None = Field(
-        default=None,
-        description="RMM pool per GPU worker (bytes, '24GB' or a fraction); "
-        "only with workers_per_gpu = 1.",
+        default=None, description="RMM pool per GPU worker (bytes, '24GB' or a fraction)."
     )
     rmm_async: bool = Field(
         default=True,
@@ -166,17 +152,6 @@ class ClusterConfig(_Strict):
         "ignored when rmm_pool_size is set.",
     )
     device_memory_limit: str | None = "0.8"
-
-    @model_validator(mode="after")
-    def _one_pool_per_gpu(self) -> ClusterConfig:
-        if self.workers_per_gpu > 1 and self.rmm_pool_size is not None:
-            raise ValueError(
-                f"cluster.rmm_pool_size = {self.rmm_pool_size!r} needs cluster.workers_per_gpu "
-                f"= 1 (got {self.workers_per_gpu}): workers sharing a GPU allocate through "
-                "cudaMallocAsync, which returns memory to the driver, instead of each holding a "
-                "pool"
-            )
-        return self
 
 
 class PipelineConfig(_Strict):

@@ -88,13 +88,3 @@ def test_ignored_etl_partition_rows_still_loads_with_a_warning(tmp_path: Path) -
         warnings.simplefilter("error")
         quiet = load_config(write(tmp_path, GOOD))
     assert "etl_partition_rows" not in config_to_toml(quiet)
-
-
-def test_workers_sharing_a_gpu_refuse_a_fixed_rmm_pool(tmp_path: Path) -> None:
-    cfg = load_config(write(tmp_path, GOOD), {"cluster.workers_per_gpu": 2})
-    assert cfg.cluster.workers_per_gpu == 2
-    with pytest.raises(ConfigError, match="workers_per_gpu"):
-        load_config(
-            write(tmp_path, GOOD),
-            {"cluster.workers_per_gpu": 2, "cluster.rmm_pool_size": "24GB"},
-        )
