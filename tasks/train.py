@@ -223,33 +223,13 @@ def xgboost_predict(booster: Any, features: Any) -> Any:
 
 
 def export_xgboost_onnx(booster: Any, n_features: int, path: Path) -> None:
-    """Convert the booster (trees up to the best iteration) to an ONNX TreeEnsemble model."""
+    """Write the booster (trees up to the best iteration) as an ONNX TreeEnsemble model whose
+    output is P(class 1), shape [batch, 1] (`tasks.xgboost_onnx`)."""
     import onnx
-    from onnxmltools.convert import convert_xgboost
-    from onnxmltools.convert.common.data_types import FloatTensorType
 
-    booster.feature_names = None
-    model = convert_xgboost(
-        booster, initial_types=[(ONNX_INPUT, FloatTensorType([None, n_features]))], target_opset=15
-    )
-    model = _select_positive_class(model)
-    onnx.save_model(model, str(path))
+    from tasks.xgboost_onnx import xgboost_to_onnx
 
-
-def _select_positive_class(model: Any) -> Any:
-    """Append a Gather so the graph outputs P(class 1) as `probability` with shape [batch, 1]."""
-    from onnx import TensorProto, helper
-
-    graph = model.graph
-    probs = next(o.name for o in graph.output if "prob" in o.name)
-    idx = helper.make_tensor("positive_class_index", TensorProto.INT64, [1], [1])
-    graph.initializer.append(idx)
-    graph.node.append(
-        helper.make_node("Gather", [probs, "positive_class_index"], [ONNX_OUTPUT], axis=1)
-    )
-    del graph.output[:]
-    graph.output.append(helper.make_tensor_value_info(ONNX_OUTPUT, TensorProto.FLOAT, [None, 1]))
-    return model
+    onnx.save_model(xgboost_to_onnx(booster, n_features, ONNX_INPUT, ONNX_OUTPUT), str(path))
 
 
 def train_xgboost(
