@@ -38,6 +38,23 @@ WORKER_WAIT_S = 120.0
 LOCAL_CPU_DASK_CONFIG: dict[str, Any] = {
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
 }
+# Modules a GPU scoring worker needs, imported when the worker starts (dask-cuda's pre_import)
+# rather than inside its first scoring task. torch is what Triton's launcher uses for devices and
+# streams. On the H100 a long-lived cluster's first run spent ~7 s more than later runs, most of
+# it these imports (bench/results/2026-11-23_h100_gpu_worker_start.json: torch 3.2 s, gpupipe's
+# scoring modules 2.5 s). For workers of an existing scheduler, pass the same list to
+# `dask cuda worker --pre-import` (README).
+GPU_WORKER_PRE_IMPORT = (
+    "cudf",
+    "cupy",
+    "xgboost",
+    "torch",
+    "triton",
+    "tasks.scoring",
+    "tasks.gpu_features",
+    "kernels.fused_preprocess",
+    "kernels.bin_counts",
+)
 # Bundles kept per worker process: enough for a champion and the challenger being compared with
 # it, small enough that a long-lived cluster scoring many versions does not grow without bound.
 CACHE_SIZE = 4
@@ -134,7 +151,7 @@ def _local_cuda_cluster(cfg: ClusterConfig) -> Iterator[Any]:
         "enable_cudf_spill": True,
         "dashboard_address": ":0",
         # imported when each worker starts, not inside the first scoring task
-        "pre_import": ["cudf", "cupy", "xgboost"],
+        "pre_import": list(GPU_WORKER_PRE_IMPORT),
     }
     if cfg.n_workers is not None:
         # one worker per GPU at most: a CPU-sized worker count must not ask for absent GPUs

@@ -113,7 +113,7 @@ def test_gpu_model_trains_on_device_data(
     train = {"xgboost": train_xgboost, "mlp": train_mlp}[kind]
     cfg, cpu, gpu = both_etls
     spec, _ = load_transform(gpu.transform_dir)
-    args = (spec.feature_names, spec.target_column, spec.id_column, cfg.model)
+    args = (spec.feature_names, spec.target_column, cfg.model)
     on_gpu = train(gpu, *args, resolve_backend("gpu"), tmp_path / "g", 0)
     on_cpu = train(cpu, *args, resolve_backend("cpu"), tmp_path / "c", 0)
     assert on_gpu.params["device"] == "cuda"

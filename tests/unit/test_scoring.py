@@ -1009,3 +1009,18 @@ def test_local_cpu_workers_keep_glibc_malloc_defaults(monkeypatch: pytest.Monkey
         omp = client.run(lambda: os.environ.get("OMP_NUM_THREADS"))
     assert list(found.values()) == [None]
     assert list(omp.values()) == ["1"]  # the other pre-spawn settings stay
+
+
+def test_gpu_worker_pre_imports_exist_and_match_the_readme() -> None:
+    """Every module a GPU worker pre-imports can be found, and the README's `dask cuda worker`
+    line lists the same modules."""
+    import importlib.util
+    import re
+
+    from tasks.cluster import GPU_WORKER_PRE_IMPORT
+
+    ours = [m for m in GPU_WORKER_PRE_IMPORT if m.split(".")[0] in ("tasks", "kernels")]
+    assert ours and all(importlib.util.find_spec(m) is not None for m in ours)
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    (listed,) = re.findall(r"--pre-import (\S+)", readme)
+    assert tuple(listed.split(",")) == GPU_WORKER_PRE_IMPORT
