@@ -13,6 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -685,78 +686,90 @@ def _run_etl(
         id_col=d.id,
     )
     raw = persisted(raw)
-    train = raw[raw[SPLIT_COLUMN] == 0]
-    n_train, pos_train = computed(train[d.target].count(), train[d.target].sum())
-    n_train = int(n_train)
-    if n_train == 0:
-        raise DataError(f"{d.source}: the training split is empty")
-    prior = float(pos_train) / n_train
-    if prior in (0.0, 1.0):
-        raise DataError(f"{d.source}: column {d.target!r}: the training split has a single class")
+    # The raw test split is final once rows are assigned: its parquet is written on a thread
+    # while the statistics are fitted (host I/O beside device work), and waited for before the
+    # output is complete. A failure either side waits for the other, then raises.
+    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupipe-etl-raw-test")
+    try:
+        raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
+        raw_test_written = background.submit(write_parquet_dir, raw_test, root / "raw_test")
+        train = raw[raw[SPLIT_COLUMN] == 0]
+        n_train, pos_train = computed(train[d.target].count(), train[d.target].sum())
+        n_train = int(n_train)
+        if n_train == 0:
+            raise DataError(f"{d.source}: the training split is empty")
+        prior = float(pos_train) / n_train
+        if prior in (0.0, 1.0):
+            raise DataError(
+                f"{d.source}: column {d.target!r}: the training split has a single class"
+            )
 
-    clock("fitting entity statistics and category encodings")
-    entities, lookups, oof = [], {}, {}
-    for e in fcfg.entities:
-        table, lookup, rates = fit_entity(
-            train, e.key, e.value, d.target, prior, fcfg.target_smoothing
+        clock("fitting entity statistics and category encodings")
+        entities, lookups, oof = [], {}, {}
+        for e in fcfg.entities:
+            table, lookup, rates = fit_entity(
+                train, e.key, e.value, d.target, prior, fcfg.target_smoothing
+            )
+            entities.append(table)
+            lookups[e.key] = lookup
+            oof[e.key] = (lookup["key"], rates)
+        categorical = [
+            fit_categorical(train, c, d.target, prior, fcfg.target_smoothing) for c in d.categorical
+        ]
+        time_names = list(TIME_FEATURES_DEFAULT) if (fcfg.time_features and d.timestamp) else []
+        numeric_names = [*d.numeric, *time_names, *(c for e in entities for c in e.feature_columns)]
+        draft = TransformSpec(
+            id_column=d.id,
+            target_column=d.target,
+            timestamp_column=d.timestamp,
+            raw_numeric=list(d.numeric),
+            raw_categorical=list(d.categorical),
+            raw_dtypes=raw_dtypes(raw[roles.columns]),
+            time_features=time_names,
+            entities=entities,
+            numeric=[
+                NumericFeature(name=n, fill=0, lo=0, hi=0, mean=0, std=1) for n in numeric_names
+            ],
+            categorical=categorical,
+            histograms={},
+            train_rows=n_train,
+            train_positive_rate=prior,
         )
-        entities.append(table)
-        lookups[e.key] = lookup
-        oof[e.key] = (lookup["key"], rates)
-    categorical = [
-        fit_categorical(train, c, d.target, prior, fcfg.target_smoothing) for c in d.categorical
-    ]
-    time_names = list(TIME_FEATURES_DEFAULT) if (fcfg.time_features and d.timestamp) else []
-    numeric_names = [*d.numeric, *time_names, *(c for e in entities for c in e.feature_columns)]
-    draft = TransformSpec(
-        id_column=d.id,
-        target_column=d.target,
-        timestamp_column=d.timestamp,
-        raw_numeric=list(d.numeric),
-        raw_categorical=list(d.categorical),
-        raw_dtypes=raw_dtypes(raw[roles.columns]),
-        time_features=time_names,
-        entities=entities,
-        numeric=[NumericFeature(name=n, fill=0, lo=0, hi=0, mean=0, std=1) for n in numeric_names],
-        categorical=categorical,
-        histograms={},
-        train_rows=n_train,
-        train_positive_rate=prior,
-    )
-    keep = [d.id, d.target, SPLIT_COLUMN]
-    part_args: dict[str, Any] = {
-        "spec": draft.model_dump(),
-        "lookups": lookups,
-        "keep": keep,
-        "oof": oof,
-    }
-    derived = persisted(map_frame(raw, derived_partition, **part_args))
+        keep = [d.id, d.target, SPLIT_COLUMN]
+        part_args: dict[str, Any] = {
+            "spec": draft.model_dump(),
+            "lookups": lookups,
+            "keep": keep,
+            "oof": oof,
+        }
+        derived = persisted(map_frame(raw, derived_partition, **part_args))
 
-    clock("fitting numeric imputation, clipping and scaling")
-    train_derived = derived[derived[SPLIT_COLUMN] == 0]
-    sample = hash_sample(train_derived, d.id, n_train, STATS_SAMPLE_ROWS, s.seed)
-    sample_frame = compute(sample)
-    numeric = fit_numeric(sample_frame, numeric_names, fcfg.clip_quantiles)
-    spec = draft.model_copy(update={"numeric": numeric})
-    names = spec.feature_names
-    sample_matrix = _frame_matrix(
-        matrix_partition(sample_frame, spec=spec.model_dump(), keep=[]), names
-    )
-    spec = spec.model_copy(
-        update={"histograms": histograms(sample_matrix, names, fcfg.histogram_bins)}
-    )
-    spec = TransformSpec.model_validate(spec.model_dump())
-    save_transform(spec, lookups, root / "transform")
+        clock("fitting numeric imputation, clipping and scaling")
+        train_derived = derived[derived[SPLIT_COLUMN] == 0]
+        sample = hash_sample(train_derived, d.id, n_train, STATS_SAMPLE_ROWS, s.seed)
+        sample_frame = compute(sample)
+        numeric = fit_numeric(sample_frame, numeric_names, fcfg.clip_quantiles)
+        spec = draft.model_copy(update={"numeric": numeric})
+        names = spec.feature_names
+        sample_matrix = _frame_matrix(
+            matrix_partition(sample_frame, spec=spec.model_dump(), keep=[]), names
+        )
+        spec = spec.model_copy(
+            update={"histograms": histograms(sample_matrix, names, fcfg.histogram_bins)}
+        )
+        spec = TransformSpec.model_validate(spec.model_dump())
+        save_transform(spec, lookups, root / "transform")
 
-    clock("writing feature parquet")
-    matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
-    for code, split in enumerate(SPLITS):
-        part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
-        write_parquet_dir(part, root / "features" / split)
-    counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
-    rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
-    raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
-    write_parquet_dir(raw_test, root / "raw_test")
+        clock("writing feature parquet")
+        matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
+        for code, split in enumerate(SPLITS):
+            part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
+            write_parquet_dir(part, root / "features" / split)
+        counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
+        rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
+        raw_test_written.result()
+    finally:
+        background.shutdown(wait=True)
     out = EtlOutput(root, fingerprint, backend.device, rows)
     timings = clock.finish()
     (root / "etl.json").write_text(

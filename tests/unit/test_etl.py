@@ -265,3 +265,30 @@ def test_split_by_time_cuts_puts_missing_timestamps_in_train() -> None:
         id_col="id",
     )
     assert out[SPLIT_COLUMN].tolist() == [0, 1, 0, 1, 2]
+
+
+@pytest.mark.parametrize("failing_dir", ["raw_test", "train"])
+def test_a_failed_write_on_either_thread_fails_the_etl_and_leaves_no_output(
+    raw_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_dir: str
+) -> None:
+    """The raw test split is written on a background thread beside the fits: a write that fails
+    there (or on the main thread) fails the ETL after both finish, and no output is published.
+    The failure is injected into the real writer (a disk error cannot be made to order)."""
+    import tasks.etl
+
+    real_write = tasks.etl.write_parquet_dir
+
+    def write_failing_once(frame: object, directory: Path) -> None:
+        if directory.name == failing_dir:
+            raise OSError(f"no space left on device (injected for {directory.name})")
+        real_write(frame, directory)
+
+    monkeypatch.setattr(tasks.etl, "write_parquet_dir", write_failing_once)
+    out_root = tmp_path / "etl"
+    with pytest.raises(OSError, match=f"injected for {failing_dir}"):
+        run_etl(builtin_config(raw_dataset, tmp_path / "home"), CPU, out_root)
+    assert not list(out_root.glob("*/etl.json"))
+    monkeypatch.setattr(tasks.etl, "write_parquet_dir", real_write)
+    done = run_etl(builtin_config(raw_dataset, tmp_path / "home"), CPU, out_root)  # a retry works
+    assert sum(done.rows.values()) == len(pd.read_parquet(raw_dataset))
+    assert len(pd.read_parquet(done.raw_test_dir)) == done.rows["test"]
