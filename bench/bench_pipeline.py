@@ -65,15 +65,12 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
     return out, time.perf_counter() - start
 
 
-def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    from tasks.backend import resolve_backend
+def bench_config(data_dir: Path, home: Path, args: argparse.Namespace) -> Any:
+    """The built-in config with the benchmark's model settings: `args.trees` trees of
+    `args.depth` (no early stopping), an MLP of `args.mlp_epochs` epochs on `args.mlp_rows`."""
     from tasks.config import builtin_config
-    from tasks.etl import load_transform, run_etl
-    from tasks.train import train_mlp, train_xgboost
 
-    backend = resolve_backend(device)
-    home = work / device
-    cfg = builtin_config(
+    return builtin_config(
         data_dir,
         home,
         **{
@@ -84,6 +81,16 @@ def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace
             "model.mlp.max_train_rows": args.mlp_rows,
         },
     )
+
+
+def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    from tasks.backend import resolve_backend
+    from tasks.etl import load_transform, run_etl
+    from tasks.train import train_mlp, train_xgboost
+
+    backend = resolve_backend(device)
+    home = work / device
+    cfg = bench_config(data_dir, home, args)
     ctx = (
         cpu_cluster(args.cpu_workers)
         if device == "cpu" and args.cpu_workers > 1
@@ -177,7 +184,8 @@ def main() -> None:
         "devices": {},
     }
     if args.warmup_rows:
-        warm_dir = args.work / f"data-{args.warmup_rows}"
+        # its own name: a `data-N` directory holds seed-0 data (profile_gpu_etl.py reads those)
+        warm_dir = args.work / f"warmup-data-{args.warmup_rows}"
         generate_transactions(
             args.warmup_rows, warm_dir, seed=1, rows_per_file=min(args.rows_per_file, 100_000)
         )

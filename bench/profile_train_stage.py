@@ -22,6 +22,7 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
 
 # (module file suffix, function): the steps of a training stage, as named in tasks/
 STEPS = [
@@ -63,24 +64,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
+    from bench_pipeline import bench_config
+
     from tasks.backend import resolve_backend
-    from tasks.config import builtin_config
     from tasks.etl import load_transform, run_etl
     from tasks.train import train_mlp, train_xgboost
 
     backend = resolve_backend(args.device)
     home = args.work / args.device
-    cfg = builtin_config(
-        args.data,
-        home,
-        **{
-            "model.xgboost.n_estimators": args.trees,
-            "model.xgboost.max_depth": args.depth,
-            "model.xgboost.early_stopping_rounds": args.trees,
-            "model.mlp.epochs": args.mlp_epochs,
-            "model.mlp.max_train_rows": args.mlp_rows,
-        },
-    )
+    cfg = bench_config(args.data, home, args)
     t0 = time.perf_counter()
     etl = run_etl(cfg, backend, home / "etl")
     print(f"ETL ({backend.device}): {time.perf_counter() - t0:.2f} s, rows {etl.rows}", flush=True)
