@@ -107,6 +107,30 @@ def check_parity(native: npt.NDArray[Any], onnx: npt.NDArray[Any], atol: float, 
     return diff
 
 
+@dataclass(frozen=True)
+class SplitEvaluation:
+    """A trained model on its test split: metrics, host copies of the scores and labels, and the
+    largest difference between ONNX Runtime's output and the native model's."""
+
+    metrics: dict[str, float]
+    p_test: npt.NDArray[np.float32]
+    y_test: npt.NDArray[np.float32]
+    parity_max_abs_diff: float
+
+
+def evaluate_on_test(
+    test: SplitData, scored: Any, onnx_path: Path, atol: float, what: str
+) -> SplitEvaluation:
+    """Metrics of the native model's test scores `scored`, computed where they are (on the device
+    on GPU), then the exported model checked against them on the first PARITY_ROWS rows."""
+    metrics = classification_metrics(test.target, scored)
+    p_test, y_test = to_host(scored), to_host(test.target)
+    sample = slice(0, PARITY_ROWS)
+    p_onnx = onnx_predict(onnx_path, to_host(test.features[sample]))
+    diff = check_parity(p_test[sample], p_onnx, atol, what)
+    return SplitEvaluation(metrics, p_test, y_test, diff)
+
+
 def copy_transform(etl: EtlOutput, bundle_dir: Path) -> None:
     """The transform travels with the model: a bundle is scored with exactly its own features."""
     dest = bundle_dir / TRANSFORM_DIR
@@ -259,13 +283,8 @@ def train_xgboost(
     copy_transform(etl, out_dir)
     booster.save_model(str(out_dir / XGB_FILE))
     export_xgboost_onnx(booster, len(feature_names), out_dir / ONNX_FILE)
-    # scored and evaluated where the test split is: on the device on GPU
-    p_test_scored = xgboost_predict(booster, _to_device(test.features, backend))
-    metrics = classification_metrics(test.target, p_test_scored)
-    p_test, y_test = to_host(p_test_scored), to_host(test.target)
-    sample = slice(0, PARITY_ROWS)
-    p_onnx = onnx_predict(out_dir / ONNX_FILE, to_host(test.features[sample]))
-    diff = check_parity(p_test[sample], p_onnx, cfg.onnx_parity_atol, "xgboost")
+    scored = xgboost_predict(booster, _to_device(test.features, backend))
+    ev = evaluate_on_test(test, scored, out_dir / ONNX_FILE, cfg.onnx_parity_atol, "xgboost")
     best = int(booster.attr("best_iteration") or booster.num_boosted_rounds() - 1)
     params = {
         **xgboost_params(cfg.xgboost, backend, seed),
@@ -288,21 +307,21 @@ def train_xgboost(
             "threshold": cfg.threshold,
             "best_iteration": best,
             "backend": backend.device,
-            "parity_max_abs_diff": diff,
+            "parity_max_abs_diff": ev.parity_max_abs_diff,
             "parity_atol": cfg.onnx_parity_atol,
-            "metrics": metrics,
+            "metrics": ev.metrics,
         },
     )
     return TrainedModel(
         "xgboost",
         out_dir,
-        metrics,
+        ev.metrics,
         params,
-        diff,
+        ev.parity_max_abs_diff,
         extra={
             "importance": named,
-            "y_test": y_test,
-            "p_test": p_test,
+            "y_test": ev.y_test,
+            "p_test": ev.p_test,
             "fit_seconds": fit_seconds,
         },
     )
@@ -503,13 +522,8 @@ def train_mlp(
     copy_transform(etl, out_dir)
     np.savez(out_dir / MLP_WEIGHTS_FILE, **{k: v.numpy() for k, v in model.state_dict().items()})
     export_mlp_onnx(model, len(feature_names), out_dir / ONNX_FILE)
-    # scored and evaluated where the test split is: on the device on GPU
-    p_test_scored = mlp_predict(model, test.features)
-    metrics = classification_metrics(test.target, p_test_scored)
-    p_test, y_test = to_host(p_test_scored), to_host(test.target)
-    sample = slice(0, PARITY_ROWS)
-    p_onnx = onnx_predict(out_dir / ONNX_FILE, to_host(test.features[sample]))
-    diff = check_parity(p_test[sample], p_onnx, cfg.onnx_parity_atol, "mlp")
+    scored = mlp_predict(model, test.features)
+    ev = evaluate_on_test(test, scored, out_dir / ONNX_FILE, cfg.onnx_parity_atol, "mlp")
     params = {**cfg.mlp.model_dump(), "device": backend.torch_device, "seed": seed}
     write_bundle_json(
         out_dir,
@@ -523,18 +537,18 @@ def train_mlp(
             "hidden": cfg.mlp.hidden,
             "threshold": cfg.threshold,
             "backend": backend.device,
-            "parity_max_abs_diff": diff,
+            "parity_max_abs_diff": ev.parity_max_abs_diff,
             "parity_atol": cfg.onnx_parity_atol,
-            "metrics": metrics,
+            "metrics": ev.metrics,
         },
     )
     return TrainedModel(
         "mlp",
         out_dir,
-        metrics,
+        ev.metrics,
         params,
-        diff,
-        extra={"y_test": y_test, "p_test": p_test, "fit_seconds": fit_seconds},
+        ev.parity_max_abs_diff,
+        extra={"y_test": ev.y_test, "p_test": ev.p_test, "fit_seconds": fit_seconds},
     )
 
 
