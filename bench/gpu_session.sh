@@ -13,6 +13,7 @@
 #   bash bench/gpu_session.sh mlp        # MLP fit: CUDA-graph steps vs eager vs the CPU
 #   bash bench/gpu_session.sh processes  # scoring processes sharing one GPU, no dask or Prefect
 #   bash bench/gpu_session.sh train_stage  # cProfile of the MLP and XGBoost stages beyond the fit
+#   bash bench/gpu_session.sh timeline   # CUDA activity of one scoring process (torch.profiler)
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -120,6 +121,14 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
         --model "$model" --data "${TRAIN_DATA:-/tmp/gpupipe-bench-scoring/unique-20x1000000-s0}" \
         --out "$out/profile_train_stage_${model}.json"
     done
+    ;;
+  timeline)  # GPU busy vs wall for the worker pipeline: default streams, per-thread, /dev/shm
+    which nsys ncu 2>&1 | head -3
+    part timeline $py bench/profile_gpu_timeline.py --rows "$rows" --out "$out/timeline.json"
+    part timeline_ptds env CUDF_PER_THREAD_STREAM=1 CUPY_CUDA_PER_THREAD_DEFAULT_STREAM=1 \
+      $py bench/profile_gpu_timeline.py --rows "$rows" --out "$out/timeline_ptds.json"
+    part timeline_shm $py bench/profile_gpu_timeline.py --rows "$rows" --no-trace \
+      --output-root /dev/shm/gpupipe-timeline --out "$out/timeline_shm.json"
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
