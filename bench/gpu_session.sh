@@ -14,6 +14,7 @@
 #   bash bench/gpu_session.sh processes  # scoring processes sharing one GPU, no dask or Prefect
 #   bash bench/gpu_session.sh train_stage  # cProfile of the MLP and XGBoost stages beyond the fit
 #   bash bench/gpu_session.sh timeline   # CUDA activity of one scoring process (torch.profiler)
+#   bash bench/gpu_session.sh variants   # one scoring process per setting (codecs, predictor)
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -33,6 +34,7 @@ part() {  # part NAME CMD...: run one part, log it, never stop the step
   local name=$1; shift
   echo "=== $name: $*"
   local t0=$SECONDS
+  date +%T
   "$@" > "$out/$name.log" 2>&1
   local rc=$?
   echo "=== $name: rc=$rc in $((SECONDS - t0)) s"
@@ -129,6 +131,20 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       $py bench/profile_gpu_timeline.py --rows "$rows" --out "$out/timeline_ptds.json"
     part timeline_shm $py bench/profile_gpu_timeline.py --rows "$rows" --no-trace \
       --output-root /dev/shm/gpupipe-timeline --out "$out/timeline_shm.json"
+    ;;
+  variants)  # the worker pipeline alone, one process per setting, same data (VARIANTS="name:ENV=V ...")
+    part prepare timeout 900 $py bench/profile_gpu_timeline.py --rows "$rows" --files "${FILES:-20}" \
+      --prepare-only
+    for v in ${VARIANTS:-base}; do  # name:WORD,WORD: ENV=V words go to env, the rest to the script
+      name=${v%%:*}; settings=${v#*:}; [ "$settings" = "$v" ] && settings=""
+      envs=(); args=()
+      for w in ${settings//,/ }; do
+        if [[ $w == [A-Z]*=* ]]; then envs+=("$w"); else args+=("$w"); fi
+      done
+      part "variant_$name" timeout 300 env "${envs[@]}" $py bench/profile_gpu_timeline.py \
+        --rows "$rows" --files "${FILES:-20}" ${TIMELINE_ARGS:---no-trace} "${args[@]}" \
+        --out "$out/variant_$name.json"
+    done
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests

@@ -12,7 +12,6 @@ would have them, to see what each costs.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import queue
@@ -78,7 +77,7 @@ def main() -> None:
 
     from tasks.bundle import LoadedBundle
     from tasks.gpu_features import DeviceTransform
-    from tasks.scoring import OUTPUT_COMPRESSION, _chunk_stats
+    from tasks.scoring import OUTPUT_COMPRESSION, segment_stats
 
     bundle = LoadedBundle.load(bundle_dir, "xgboost", device="cuda")
     spec = bundle.spec
@@ -110,10 +109,7 @@ def main() -> None:
         return frame, []
 
     def per_file_stats(matrix: Any, probs: Any, labels: Any, offsets: list[int]) -> list[Any]:
-        return [
-            _chunk_stats(matrix[a:b], probs[a:b], labels[a:b], spec)
-            for a, b in itertools.pairwise(offsets)
-        ]
+        return segment_stats(matrix, probs, labels, spec, offsets)
 
     def score(frame: Any, offsets: list[int]) -> Any:
         matrix = transform.matrix(frame)

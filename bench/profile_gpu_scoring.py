@@ -65,10 +65,10 @@ def main() -> None:
     from tasks.io import value_problems
     from tasks.scoring import (
         ScoringJob,
-        _chunk_stats,
         host_prediction_table,
         partition_of,
         scoring_roles,
+        segment_stats,
     )
 
     bundle_dirs = sorted(b.parent for b in args.work.glob("bundle-*/**/bundle.json"))
@@ -153,7 +153,15 @@ def main() -> None:
             "predict", lambda m: cupy.asarray(booster.inplace_predict(m)).reshape(-1), matrix
         )
         labels = (probs >= bundle.threshold).astype(cupy.int8)
-        step("chunk statistics (drift, scores)", _chunk_stats, matrix, probs, labels, bundle.spec)
+        step(
+            "chunk statistics (drift, scores)",
+            segment_stats,
+            matrix,
+            probs,
+            labels,
+            bundle.spec,
+            [0, len(probs)],
+        )
         ids = frame[bundle.spec.id_column].reset_index(drop=True)
         device_table = step("output: cuDF frame", device_output, ids, probs, labels)
         host_table = step("output: to host + Arrow table", host_output, ids, probs, labels)

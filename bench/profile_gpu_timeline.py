@@ -157,12 +157,15 @@ def main() -> None:
     p.add_argument("--output-root", type=Path, default=Path("/tmp/gpupipe-profile-timeline"))
     p.add_argument("--trace", type=Path, default=None, help="also keep the Chrome trace here")
     p.add_argument("--no-trace", action="store_true", help="time only (no torch.profiler run)")
+    p.add_argument("--prepare-only", action="store_true", help="make the inputs and bundle, exit")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
     from profile_gpu_batched import prepare
 
     files, bundle = prepare(args.work, args.rows, args.files)
+    if args.prepare_only:
+        return
 
     import cupy
 

@@ -7,6 +7,10 @@ the last bin = at_least[-1] + nan. Each program loads a [BLOCK_N rows x K_PAD co
 (coalesced along rows of a row-major matrix), counts in registers and adds one partial sum per
 (column, edge) with an atomic, so a chunk of drift statistics is one launch, not a searchsorted
 and an atomic-heavy bincount per column. Comparisons are in float64, as NumPy's are.
+
+With row offsets the same launch counts each segment of rows (each file of a scoring batch) on
+its own: a second grid axis picks the segment, and the host receives every segment's counts in
+one transfer (one synchronisation per batch rather than one per file).
 Semantics are those of `kernels.reference.at_least_counts_reference`, the oracle for the tests.
 
 Like `kernels.fused_preprocess`, nothing from torch or triton is imported until first use.
@@ -43,8 +47,8 @@ def _at_least_kernel(
     x_ptr,
     edges_ptr,
     n_edges_ptr,
+    offsets_ptr,
     out_ptr,
-    n,
     k,
     stride_row,
     stride_col,
@@ -53,14 +57,18 @@ def _at_least_kernel(
     BLOCK_N: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    segment = tl.program_id(1)
+    start = tl.load(offsets_ptr + segment)
+    end = tl.load(offsets_ptr + segment + 1)
+    rows = start + (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     cols = tl.arange(0, K_PAD)
     col_ok = cols < k
-    mask = (rows < n)[:, None] & col_ok[None, :]
+    mask = (rows < end)[:, None] & col_ok[None, :]
     x = tl.load(
         x_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0
     ).to(tl.float64)
     width = MAX_EDGES + 1
+    out_ptr += segment * k * width
     n_edges = tl.load(n_edges_ptr + cols, mask=col_ok, other=0)
     nan = ((x != x) & mask).to(tl.int32)
     nan_rows = tl.reduce(nan, 0, _column_add)
@@ -87,7 +95,7 @@ def _build(interpret: bool) -> Any:
         # keeps the loads coalesced
         _KERNELS[mode] = (
             triton.jit(_add),
-            triton.jit(_at_least_kernel, do_not_specialize=["n", "k", "stride_row"]),
+            triton.jit(_at_least_kernel, do_not_specialize=["k", "stride_row"]),
         )
     _column_add, kernel = _KERNELS[mode]
     return kernel
@@ -103,13 +111,18 @@ def padded_edges(edges_per_column: Sequence[Sequence[float]]) -> np.ndarray:
     return out[:, :width] if width else out[:, :0]
 
 
-def at_least_counts(matrix: Any, edges_per_column: Sequence[Sequence[float]]) -> np.ndarray:
-    """(k, max edges + 1) int64 on the host: [rows >= each edge..., NaN rows] per column.
+def at_least_counts(
+    matrix: Any, edges_per_column: Sequence[Sequence[float]], offsets: Sequence[int] | None = None
+) -> np.ndarray:
+    """(k, max edges + 1) int64 on the host: [rows >= each edge..., NaN rows] per column; with
+    `offsets`, (segments, k, max edges + 1): the same for each segment of rows
+    offsets[s]:offsets[s + 1], counted in one launch and copied to the host in one transfer.
 
     Args:
         matrix: (n, k) float array: CuPy/torch on a GPU (any strides), or CPU torch/NumPy with
             TRITON_INTERPRET=1. Rows must number below 2**31 (int32 counters).
         edges_per_column: k ascending edge lists (may be empty).
+        offsets: ascending row offsets from 0 to n (None: the whole matrix, unsegmented).
     """
     import torch
 
@@ -119,28 +132,37 @@ def at_least_counts(matrix: Any, edges_per_column: Sequence[Sequence[float]]) ->
     n, k = int(x.shape[0]), int(x.shape[1])
     if n >= 2**31:
         raise ValueError(f"{n} rows: counts are int32, split the matrix into chunks")
+    bounds = np.asarray([0, n] if offsets is None else list(offsets), np.int64)
+    sizes = np.diff(bounds)
+    if bounds.size < 2 or bounds[0] != 0 or bounds[-1] != n or (sizes < 0).any():
+        raise ValueError(f"offsets must rise from 0 to {n} rows, got {bounds.tolist()[:6]}")
     interpret = _interpret()
     device = x.device if not interpret else torch.device("cpu")
     if interpret and x.device.type != "cpu":
         x = x.cpu()
     edges = padded_edges(edges_per_column)
     max_edges = edges.shape[1]
-    out = torch.zeros((k, max_edges + 1), dtype=torch.int32, device=device)
-    if n and k:
+    segments = sizes.size
+    out = torch.zeros((segments, k, max_edges + 1), dtype=torch.int32, device=device)
+    longest = int(sizes.max())
+    if longest and k:
         edges_t = torch.as_tensor(
             edges if max_edges else np.zeros((k, 1)), dtype=torch.float64, device=device
         )
         n_edges = torch.as_tensor(
             [len(e) for e in edges_per_column], dtype=torch.int32, device=device
         )
+        bounds_t = torch.as_tensor(bounds, device=device)
         kernel = _build(interpret)
-        args = (x, edges_t, n_edges, out, n, k, int(x.stride(0)), int(x.stride(1)))
+        args = (x, edges_t, n_edges, bounds_t, out, k, int(x.stride(0)), int(x.stride(1)))
         meta = {"K_PAD": 1 << max(k - 1, 0).bit_length(), "MAX_EDGES": max_edges}
         with _LOCK:
-            launch = kernel[(triton_cdiv(n, BLOCK_N),)]
+            # programs past a shorter segment's end load nothing and add zeros
+            launch = kernel[(triton_cdiv(longest, BLOCK_N), segments)]
             if device.type == "cuda":
                 with torch.cuda.device(device):
                     launch(*args, **meta, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
             else:
                 launch(*args, **meta, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
-    return out.cpu().numpy().astype(np.int64)
+    counts = out.cpu().numpy().astype(np.int64)
+    return counts[0] if offsets is None else counts

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
+from itertools import pairwise
 from typing import Any
 
 import numpy as np
@@ -114,6 +115,28 @@ def matrix_bin_counts(
     ]
 
 
+def matrix_bin_counts_segments(
+    matrix: Any, edges_per_column: Sequence[Sequence[float]], offsets: Sequence[int]
+) -> list[list[npt.NDArray[np.int64]]]:
+    """`matrix_bin_counts` of each segment of rows offsets[s]:offsets[s + 1] (each file of a
+    scoring batch). On a GPU one launch counts every segment and one transfer brings the counts
+    back: one synchronisation per batch, where a call per file waited on the device per file."""
+    xp = array_module_of(matrix)
+    n = int(matrix.shape[0])
+    if xp is np or n >= 2**31 or not kernels_available():
+        return [matrix_bin_counts(matrix[a:b], edges_per_column) for a, b in pairwise(offsets)]
+    from kernels.bin_counts import at_least_counts
+
+    counts = at_least_counts(matrix, edges_per_column, offsets)
+    return [
+        [
+            _bins_from_at_least(b - a, counts[s, j, : len(edges)], int(counts[s, j, -1]))
+            for j, edges in enumerate(edges_per_column)
+        ]
+        for s, (a, b) in enumerate(pairwise(offsets))
+    ]
+
+
 def _host_bin_counts(values: Any, edges: Sequence[float]) -> npt.NDArray[np.int64]:
     # On the host, one comparison pass per edge (edges are few) is several times faster than
     # searchsorted. The comparison must give what float64 gives, as searchsorted does: float32
@@ -177,6 +200,20 @@ def histogram_counts(
     edges = [histograms[name].edges if name in histograms else [] for name in feature_names]
     counts = matrix_bin_counts(matrix, edges)
     return {name: c for name, c in zip(feature_names, counts, strict=True) if name in histograms}
+
+
+def histogram_counts_segments(
+    matrix: Any,
+    feature_names: Sequence[str],
+    histograms: Mapping[str, Histogram],
+    offsets: Sequence[int],
+) -> list[Counts]:
+    """`histogram_counts` of each segment of rows offsets[s]:offsets[s + 1]."""
+    edges = [histograms[name].edges if name in histograms else [] for name in feature_names]
+    return [
+        {name: c for name, c in zip(feature_names, counts, strict=True) if name in histograms}
+        for counts in matrix_bin_counts_segments(matrix, edges, offsets)
+    ]
 
 
 def merge_counts(total: Counts, part: Mapping[str, Sequence[int] | npt.NDArray[Any]]) -> Counts:

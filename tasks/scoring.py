@@ -60,8 +60,8 @@ from tasks.drift import (
     array_module_of,
     drift_level,
     feature_psi,
-    histogram_counts,
-    matrix_bin_counts,
+    histogram_counts_segments,
+    matrix_bin_counts_segments,
     merge_counts,
 )
 from tasks.io import (
@@ -849,21 +849,12 @@ def _unreadable(path: Path, exc: BaseException) -> DataError:
     return DataError(f"{path}: unreadable parquet file: {type(exc).__name__}: {exc}")
 
 
-def _chunk_stats(matrix: Any, probs: Any, labels: Any, spec: TransformSpec) -> tuple[Any, ...]:
-    """Positives, score-bin counts and drift counts of one chunk (on a GPU: counted on the
-    device, two small transfers)."""
-    drift = histogram_counts(matrix, spec.feature_names, spec.histograms)
-    xp = array_module_of(probs)
-    outcome = xp.stack([probs.astype(xp.float32), labels.astype(xp.float32)], axis=1)
-    # labels binned at 1: the second bin counts the positives
-    score_counts, label_counts = matrix_bin_counts(outcome, [SCORE_BIN_EDGES, [1.0]])
-    return int(label_counts[1]), score_counts, drift
-
-
 def segment_stats(
     matrix: Any, probs: Any, labels: Any, spec: TransformSpec, offsets: Sequence[int]
 ) -> list[ChunkStats]:
-    """`_chunk_stats` of each file of a batch: rows offsets[i]:offsets[i + 1].
+    """Positives, score-bin counts and drift counts of each file of a batch: rows
+    offsets[i]:offsets[i + 1]. On a GPU every file is counted on the device in two launches
+    (features, scores) and the counts come back in two transfers.
 
     Raises:
         ScoringError: offsets that do not cover the rows exactly, in order (a bug, not data).
@@ -872,11 +863,17 @@ def segment_stats(
     covered = bool(offsets) and offsets[0] == 0 and offsets[-1] == n
     if not covered or any(b < a for a, b in pairwise(offsets)):
         raise ScoringError(f"batch offsets {list(offsets)[:5]}... do not cover its {n} rows")
-    stats = []
-    for a, b in pairwise(offsets):
-        positives, score_counts, drift = _chunk_stats(matrix[a:b], probs[a:b], labels[a:b], spec)
-        stats.append(ChunkStats(b - a, positives, score_counts, drift))
-    return stats
+    drift = histogram_counts_segments(matrix, spec.feature_names, spec.histograms, offsets)
+    xp = array_module_of(probs)
+    outcome = xp.stack([probs.astype(xp.float32), labels.astype(xp.float32)], axis=1)
+    # labels binned at 1: the second bin counts the positives
+    outcomes = matrix_bin_counts_segments(outcome, [SCORE_BIN_EDGES, [1.0]], offsets)
+    return [
+        ChunkStats(b - a, int(label_counts[1]), score_counts, counts)
+        for (a, b), (score_counts, label_counts), counts in zip(
+            pairwise(offsets), outcomes, drift, strict=True
+        )
+    ]
 
 
 def _only_file(batch: ScoredBatch) -> ScoredChunk:

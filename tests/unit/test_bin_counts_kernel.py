@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import os
 
 import numpy as np
@@ -55,3 +56,19 @@ def test_padded_edges_and_shape_errors() -> None:
     assert padded_edges([[], []]).shape == (2, 0)
     with pytest.raises(ValueError, match="matrix"):
         at_least_counts(torch.zeros(4, 2, device=DEVICE), [[0.0]])
+
+
+@pytest.mark.parametrize("offsets", [[0, 300], [0, 1, 299, 300], [0, 0, 120, 120, 300]])
+def test_segments_count_each_row_range_on_its_own(test_seed: int, offsets: list[int]) -> None:
+    x, edges = _case(test_seed + len(offsets), 300, 4)
+    got = at_least_counts(torch.as_tensor(x, device=DEVICE), edges, offsets)
+    assert got.shape == (len(offsets) - 1, 4, max(len(e) for e in edges) + 1)
+    for s, (a, b) in enumerate(itertools.pairwise(offsets)):
+        np.testing.assert_array_equal(got[s], at_least_counts_reference(x[a:b], edges))
+
+
+@pytest.mark.parametrize("offsets", [[0, 299], [1, 300], [0, 200, 100, 300], [0]])
+def test_segments_must_cover_the_rows_in_order(offsets: list[int]) -> None:
+    x, edges = _case(0, 300, 2)
+    with pytest.raises(ValueError, match="offsets"):
+        at_least_counts(torch.as_tensor(x, device=DEVICE), edges, offsets)

@@ -189,3 +189,44 @@ def test_async_device_memory_is_chosen_once() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.split() == ["True", "CudaAsyncMemoryResource", "False"]
+
+
+def test_segment_stats_on_the_device_equal_host_counts_per_file(test_seed: int) -> None:
+    """A batch's per-file statistics, counted in one launch on the device, equal each file's
+    counts on the host."""
+    from types import SimpleNamespace
+
+    import cupy
+
+    from tasks.scoring import SCORE_BIN_EDGES, segment_stats
+    from tasks.spec import Histogram
+
+    rng = np.random.default_rng(test_seed)
+    matrix = rng.normal(size=(5000, 3)).astype(np.float32)
+    matrix[rng.random(matrix.shape) < 0.02] = np.nan
+    probs = rng.random(5000).astype(np.float32)
+    labels = (probs >= 0.5).astype(np.int8)
+    names = ["a", "b", "c"]
+    hists = {
+        "a": Histogram(edges=[-1.0, 0.0, 1.0], fractions=[0.2, 0.3, 0.3, 0.2]),
+        "c": Histogram(edges=[0.5], fractions=[0.6, 0.4]),
+    }
+    # what segment_stats reads of a TransformSpec
+    spec = SimpleNamespace(feature_names=names, histograms=hists)
+    offsets = [0, 1200, 1200, 4999, 5000]
+    host = segment_stats(matrix, probs, labels, spec, offsets)  # type: ignore[arg-type]
+    device = segment_stats(
+        cupy.asarray(matrix),
+        cupy.asarray(probs),
+        cupy.asarray(labels),
+        spec,  # type: ignore[arg-type]
+        offsets,
+    )
+    assert len(device) == len(offsets) - 1
+    for h, d in zip(host, device, strict=True):
+        assert (d.rows, d.positives) == (h.rows, h.positives)
+        np.testing.assert_array_equal(d.score_counts, h.score_counts)
+        assert d.score_counts.size == len(SCORE_BIN_EDGES) + 1
+        assert sorted(d.drift_counts) == ["a", "c"]
+        for name in d.drift_counts:
+            np.testing.assert_array_equal(d.drift_counts[name], h.drift_counts[name])
