@@ -15,6 +15,7 @@
 #   bash bench/gpu_session.sh train_stage  # cProfile of the MLP and XGBoost stages beyond the fit
 #   bash bench/gpu_session.sh timeline   # CUDA activity of one scoring process (torch.profiler)
 #   bash bench/gpu_session.sh variants   # one scoring process per setting (codecs, predictor)
+#   bash bench/gpu_session.sh tree       # tree kernel: GPU tests, then against XGBoost's predictor
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -145,6 +146,13 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
         --rows "$rows" --files "${FILES:-20}" ${TIMELINE_ARGS:---no-trace} "${args[@]}" \
         --out "$out/variant_$name.json"
     done
+    ;;
+  tree)  # the tree-inference kernel and what uses it: GPU tests, then kernel vs XGBoost
+    part tree_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu \
+      tests/unit/test_tree_predict.py tests/unit/test_bin_counts_kernel.py \
+      tests/unit/test_scoring.py tests/unit/test_gpu_path.py
+    part bench_tree_predict $py bench/bench_tree_predict.py --rows "$rows" \
+      --out "$out/bench_tree_predict.json"
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests

@@ -6,10 +6,13 @@ Also the CPU implementation used by gpupipe when no GPU is present.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from kernels.tree_predict import CompleteForest
 
 F32 = npt.NDArray[np.float32]
 I32 = npt.NDArray[np.int32]
@@ -70,3 +73,35 @@ def at_least_counts_reference(
             out[j, e] = np.count_nonzero(col >= np.float64(edge))
         out[j, width] = np.count_nonzero(np.isnan(col))
     return out
+
+
+def tree_predict_reference(x: npt.ArrayLike, forest: CompleteForest) -> F32:
+    """Oracle of `kernels.tree_predict.tree_predict`: P(class 1) of each row, float32 (n,).
+
+    XGBoost's rules: in each tree a row goes left when x[feature] < threshold (float32), a NaN
+    goes the node's default way, +-inf compare as numbers; the trees' leaf values are summed in
+    float32 in tree order from 0.0, then the base margin (as float32) is added, then
+    1 / (1 + exp(-margin)). x (n, n_features) of any real dtype is read as float32, as XGBoost
+    reads it. Vectorised over rows; loops over trees and levels.
+    """
+    m = np.asarray(x)
+    if m.ndim != 2 or m.shape[1] != forest.n_features:
+        raise ValueError(f"x must be (n, {forest.n_features}), got {m.shape}")
+    flat = np.ascontiguousarray(m, dtype=np.float32).reshape(-1)
+    n = m.shape[0]
+    row_start = np.arange(n, dtype=np.int64) * forest.n_features
+    n_internal = (1 << forest.depth) - 1
+    acc = np.zeros(n, np.float32)
+    for t in range(forest.n_trees):
+        features = forest.feature[t]
+        thresholds = forest.threshold[t]
+        default_left = forest.default_left[t] != 0
+        node = np.zeros(n, np.int64)
+        for _ in range(forest.depth):
+            value = flat[row_start + features[node]]
+            left = np.where(np.isnan(value), default_left[node], value < thresholds[node])
+            node = 2 * node + np.where(left, 1, 2)
+        acc += forest.leaf[t, node - n_internal]
+    margin = acc + np.float32(forest.base_margin)
+    with np.errstate(over="ignore"):  # exp(-margin) = inf for margin < -88: probability 0
+        return (np.float32(1.0) / (np.float32(1.0) + np.exp(-margin))).astype(np.float32)

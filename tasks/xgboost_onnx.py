@@ -14,10 +14,13 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from kernels.tree_predict import CompleteForest
 
 ML_DOMAIN = "ai.onnx.ml"
 ML_OPSET = 3
@@ -167,4 +170,32 @@ def xgboost_to_onnx(booster: Any, n_features: int, input_name: str, output_name:
     trees = model["learner"]["gradient_booster"]["model"]["trees"]
     return tree_ensemble_model(
         tree_nodes(trees, n_features), base_margin(model), n_features, input_name, output_name
+    )
+
+
+def complete_forest(booster: Any, n_features: int) -> CompleteForest:
+    """A binary:logistic booster (all its trees) packed for `kernels.tree_predict`: complete
+    trees of the forest's depth, the base margin and the feature count.
+
+    Raises:
+        ValueError: what the ONNX conversion refuses (another objective or booster, several
+            targets, categorical splits, features past n_features), and forests deeper than
+            `kernels.tree_predict.MAX_DEPTH`: XGBoost's predictor scores those.
+    """
+    from kernels.tree_predict import pack_complete_forest
+
+    model = json.loads(bytes(booster.save_raw(raw_format="json")))
+    check_binary_gbtree(model)
+    nodes = tree_nodes(model["learner"]["gradient_booster"]["model"]["trees"], n_features)
+    return pack_complete_forest(
+        nodes.tree_ids,
+        nodes.node_ids,
+        nodes.is_leaf,
+        nodes.feature_ids,
+        nodes.thresholds,
+        nodes.left,
+        nodes.right,
+        nodes.default_left,
+        base_margin=base_margin(model),
+        n_features=n_features,
     )
