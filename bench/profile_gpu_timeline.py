@@ -154,7 +154,6 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=20_000_000)
     p.add_argument("--files", type=int, default=20)
     p.add_argument("--batch-rows", type=int, default=0, help="0 = the GPU default")
-    p.add_argument("--predictor", choices=["auto", "kernel", "xgboost"], default="auto")
     p.add_argument("--output-root", type=Path, default=Path("/tmp/gpupipe-profile-timeline"))
     p.add_argument("--trace", type=Path, default=None, help="also keep the Chrome trace here")
     p.add_argument("--no-trace", action="store_true", help="time only (no torch.profiler run)")
@@ -187,7 +186,6 @@ def main() -> None:
             output_dir=str(args.output_root / tag),
             partition_rows=rows_per_file,
             batch_rows=args.batch_rows,
-            gpu_predictor=args.predictor,
         )
 
     shutil.rmtree(args.output_root, ignore_errors=True)
@@ -212,8 +210,6 @@ def main() -> None:
     report: dict[str, Any] = {
         "rows": args.rows,
         "files": len(files),
-        "predictor": args.predictor,
-        "forest_on_device": getattr(engine, "forest", None) is not None,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("CUDF_", "CUPY_", "KVIKIO"))},
         "output_root": str(args.output_root),
         "timed": {"seconds": wall, "rows_per_s": args.rows / wall, "steps": clock.report(wall)},

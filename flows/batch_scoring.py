@@ -232,7 +232,6 @@ def batch_scoring(
                 io_threads=cfg.scoring.io_threads,
                 gpu_io=cfg.scoring.gpu_io,
                 batch_rows=cfg.scoring.batch_rows,
-                gpu_predictor=cfg.scoring.gpu_predictor,
             )
             result = score_partitions_task(
                 job, todo, cluster, cfg.cluster, cfg.scoring.files_per_task

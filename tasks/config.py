@@ -137,11 +137,6 @@ class ScoringConfig(_Strict):
         "this many rows per batch; 0 = automatic: off (1 file at a time) on CPU, "
         "GPU_BATCH_ROWS (tasks/scoring.py) on GPU.",
     )
-    gpu_predictor: Literal["auto", "kernel", "xgboost"] = Field(
-        default="auto",
-        description="GPU workers: score XGBoost models with gpupipe's tree kernel "
-        "(kernels/tree_predict.py; auto = wherever the model fits it) or XGBoost's predictor.",
-    )
 
 
 class ClusterConfig(_Strict):

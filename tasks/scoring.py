@@ -52,7 +52,6 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
-from kernels.fused_preprocess import is_available as fused_kernels_available
 from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer
 from tasks.cluster import worker_cached, worker_count, worker_name, worker_threads
 from tasks.config import PipelineConfig
@@ -153,7 +152,6 @@ class ScoringJob(_Frozen):
     io_threads: int = 0
     gpu_io: Literal["cudf", "arrow"] = "cudf"
     batch_rows: int = 0
-    gpu_predictor: Literal["auto", "kernel", "xgboost"] = "auto"
 
     @property
     def file_threads(self) -> int:
@@ -1078,7 +1076,6 @@ class GpuEngine:
     model_name: str
     model_version: int
     io: Literal["cudf", "arrow"] = "arrow"
-    forest: Any = None  # the model for kernels.tree_predict on the device; None: XGBoost's
 
     @property
     def spec(self) -> TransformSpec:
@@ -1150,10 +1147,6 @@ class GpuEngine:
     def _predict(self, matrix: Any) -> Any:
         import cupy
 
-        if self.forest is not None:
-            from kernels.tree_predict import tree_predict
-
-            return cupy.from_dlpack(tree_predict(matrix, self.forest))
         scorer = self.bundle.scorer
         if isinstance(scorer, XGBoostScorer):
             out = scorer.booster.inplace_predict(matrix)
@@ -1294,8 +1287,7 @@ def load_engine(job: ScoringJob, threads: int) -> Engine:
 
         bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cuda")
         transform = DeviceTransform(bundle.spec_dict, bundle.lookups, cupy)
-        forest = device_forest(bundle, job.gpu_predictor)
-        return GpuEngine(bundle, transform, job.model_name, job.model_version, job.gpu_io, forest)
+        return GpuEngine(bundle, transform, job.model_name, job.model_version, job.gpu_io)
     bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cpu")
     # one worker per core: each model uses its worker's threads, not every core of the machine
     if isinstance(bundle.scorer, XGBoostScorer):
@@ -1308,43 +1300,10 @@ def load_engine(job: ScoringJob, threads: int) -> Engine:
     return CpuEngine(bundle, job.model_name, job.model_version)
 
 
-def device_forest(
-    bundle: LoadedBundle, predictor: Literal["auto", "kernel", "xgboost"]
-) -> Any | None:
-    """The bundle's XGBoost model packed for `kernels.tree_predict` and moved to the device, or
-    None where XGBoost's own predictor scores: `predictor="xgboost"`, an ONNX scorer, or "auto"
-    with a model the kernel does not take (deeper than its limit, another objective).
-
-    Raises:
-        ScoringError: `predictor="kernel"` for a model or machine the kernel cannot serve.
-    """
-    scorer = bundle.scorer
-    if predictor == "xgboost" or not isinstance(scorer, XGBoostScorer):
-        if predictor == "kernel":
-            raise ScoringError("gpu_predictor 'kernel' scores XGBoost models only")
-        return None
-    if not fused_kernels_available():
-        if predictor == "kernel":
-            raise ScoringError("gpu_predictor 'kernel' needs triton and torch on the GPU worker")
-        return None
-    from kernels.tree_predict import forest_to_device
-
-    from tasks.xgboost_onnx import complete_forest
-
-    try:
-        forest = complete_forest(scorer.booster, len(bundle.spec.feature_names))
-    except ValueError as exc:
-        if predictor == "kernel":
-            raise ScoringError(f"gpu_predictor 'kernel': {exc}") from exc
-        log.info("XGBoost's predictor scores this model: %s", exc)
-        return None
-    return forest_to_device(forest, "cuda")
-
-
 def cached_engine(job: ScoringJob) -> Engine:
     """This worker's engine for the job's bundle, scorer and device, loaded on first use."""
     threads = worker_threads()
-    key = ("engine", job.bundle_dir, job.scorer, job.device, job.gpu_io, job.gpu_predictor, threads)
+    key = ("engine", job.bundle_dir, job.scorer, job.device, job.gpu_io, threads)
     return worker_cached(key, lambda: load_engine(job, threads))
 
 

@@ -908,10 +908,9 @@ def test_device_transform_logic_matches_numpy_features_on_host(
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
 @pytest.mark.parametrize(("batch_rows", "files_per_read"), [(0, [3, 2]), (1500, [2, 1, 2])])
-@pytest.mark.parametrize(("gpu_io", "predictor"), [("cudf", "kernel"), ("arrow", "xgboost")])
+@pytest.mark.parametrize("gpu_io", ["cudf", "arrow"])
 def test_gpu_engine_matches_cpu_engine(
     gpu_io: str,
-    predictor: str,
     batch_rows: int,
     files_per_read: list[int],
     bundle_dir: Path,
@@ -925,10 +924,9 @@ def test_gpu_engine_matches_cpu_engine(
     cpu = score(make_job(bundle_dir, tmp_path / "cpu"), parts)
     gpu_job = make_job(
         bundle_dir, tmp_path / "gpu", device="gpu", partition_rows=1500, gpu_io=gpu_io,
-        batch_rows=batch_rows, gpu_predictor=predictor,
+        batch_rows=batch_rows,
     )  # fmt: skip
     gpu, engine = score_batched(gpu_job, parts)
-    assert (engine.forest is not None) == (predictor == "kernel")
     assert [len(r) for r in engine.of("read_many")] == files_per_read
     assert [len(w) for w in engine.of("write_batch")] == files_per_read
     assert engine.of("read_chunks") == [["part-3.parquet"]]
@@ -1026,26 +1024,3 @@ def test_gpu_worker_pre_imports_exist_and_match_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     (listed,) = re.findall(r"--pre-import (\S+)", readme)
     assert tuple(listed.split(",")) == GPU_WORKER_PRE_IMPORT
-
-
-def test_gpu_predictor_choice_falls_back_or_refuses(bundle_dir: Path, monkeypatch) -> None:
-    """XGBoost's predictor where asked or where the kernel cannot serve; a clear error where the
-    kernel was required and cannot serve."""
-    from tasks import scoring
-
-    xgb_bundle = LoadedBundle.load(bundle_dir, "xgboost")
-    onnx_bundle = LoadedBundle.load(bundle_dir, "onnx")
-    assert scoring.device_forest(xgb_bundle, "xgboost") is None
-    assert scoring.device_forest(onnx_bundle, "auto") is None
-    with pytest.raises(ScoringError, match="XGBoost models only"):
-        scoring.device_forest(onnx_bundle, "kernel")
-    monkeypatch.setattr(scoring, "fused_kernels_available", lambda: False)
-    assert scoring.device_forest(xgb_bundle, "auto") is None
-    with pytest.raises(ScoringError, match="needs triton"):
-        scoring.device_forest(xgb_bundle, "kernel")
-    # a model the kernel does not take: deeper than MAX_DEPTH packs to a refusal
-    monkeypatch.setattr(scoring, "fused_kernels_available", lambda: True)
-    monkeypatch.setattr("kernels.tree_predict.MAX_DEPTH", 1)
-    assert scoring.device_forest(xgb_bundle, "auto") is None
-    with pytest.raises(ScoringError, match="MAX_DEPTH"):
-        scoring.device_forest(xgb_bundle, "kernel")
