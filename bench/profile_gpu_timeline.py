@@ -110,12 +110,19 @@ class StepClock:
         self.spans: dict[tuple[str, str], list[Interval]] = defaultdict(list)
         self._lock = threading.Lock()
 
-    def wrap(self, step: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrap(
+        self, step: str, fn: Callable[..., Any], sync: Callable[[], None] | None = None
+    ) -> Callable[..., Any]:
+        """fn timed under `step`; with `sync`, the device is synchronised before the clock stops
+        (the step's span then includes the GPU work it queued, and what was queued before it)."""
+
         def timed(*args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
+                if sync is not None:
+                    sync()
                 with self._lock:
                     self.spans[(threading.current_thread().name, step)].append(
                         (t, time.perf_counter())
@@ -158,6 +165,12 @@ def main() -> None:
     p.add_argument("--trace", type=Path, default=None, help="also keep the Chrome trace here")
     p.add_argument("--no-trace", action="store_true", help="time only (no torch.profiler run)")
     p.add_argument("--prepare-only", action="store_true", help="make the inputs and bundle, exit")
+    p.add_argument(
+        "--sync-substeps",
+        action="store_true",
+        help="synchronise the device at the end of each sub-step of scoring (transform, predict, "
+        "statistics, output table): each span then holds its own GPU work",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -191,9 +204,23 @@ def main() -> None:
     shutil.rmtree(args.output_root, ignore_errors=True)
     engine = load_engine(job("warm"), threads=1)
     clock = StepClock()
+    sync = cupy.cuda.Device().synchronize
     for step in ("read_many", "score_batch", "write_batch"):
         setattr(engine, step, clock.wrap(step, getattr(engine, step)))
-    sync = cupy.cuda.Device().synchronize
+    # score_batch's sub-steps, and the commit after each batch write
+    import tasks.scoring as scoring
+
+    sub_sync = sync if args.sync_substeps else None
+    transform = engine.transform  # type: ignore[attr-defined]
+    transform.matrix = clock.wrap("  transform", transform.matrix, sub_sync)
+    engine._predict = clock.wrap("  predict", engine._predict, sub_sync)  # type: ignore[attr-defined]
+    engine._device_table = clock.wrap(  # type: ignore[attr-defined]
+        "  output table",
+        engine._device_table,
+        sub_sync,  # type: ignore[attr-defined]
+    )
+    scoring.segment_stats = clock.wrap("  statistics", scoring.segment_stats, sub_sync)
+    scoring.commit_batch = clock.wrap("commit_batch (write + manifest)", scoring.commit_batch)
 
     def timed_run(tag: str) -> float:
         sync()
@@ -210,6 +237,7 @@ def main() -> None:
     report: dict[str, Any] = {
         "rows": args.rows,
         "files": len(files),
+        "sync_substeps": args.sync_substeps,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("CUDF_", "CUPY_", "KVIKIO"))},
         "output_root": str(args.output_root),
         "timed": {"seconds": wall, "rows_per_s": args.rows / wall, "steps": clock.report(wall)},
