@@ -1386,16 +1386,21 @@ def _done(job: ScoringJob, part: InputPartition) -> _Done | None:
 
 
 def read_partition(
-    engine: Engine, job: ScoringJob, part: InputPartition, roles: ColumnRoles
+    engine: Engine,
+    job: ScoringJob,
+    part: InputPartition,
+    roles: ColumnRoles,
+    checked: tuple[TableFormat, Any, int, str | None] | None = None,
 ) -> Iterator[_Chunk | _Bad]:
     """Check one input file and yield its chunks, or one `_Bad` with the quarantine reason.
+    `checked`: the file's `_checked_schema`, when the caller has already read its footer.
 
     A `_Bad` can follow chunks already yielded (a read error midway): the file is then
     quarantined as a whole and its partial output discarded.
     """
     started = time.perf_counter()
     path = Path(part.path)
-    fmt, _, rows, problem = _checked_schema(path, job.data_format, roles)
+    fmt, _, rows, problem = checked or _checked_schema(path, job.data_format, roles)
     if problem is not None:
         yield _Bad(part, problem, rows, started)
         return
@@ -1444,15 +1449,16 @@ def _read_whole_file(
     engine: Engine, job: ScoringJob, part: InputPartition, roles: ColumnRoles
 ) -> list[_Item] | None:
     """All of one file's items, read on a pool thread; None for a file larger than one chunk,
-    which the consumer streams itself so that memory stays bounded."""
-    path = Path(part.path)
-    with contextlib.suppress(DataError, OSError, ValueError):
-        if (
-            table_format(path, job.data_format) == "parquet"
-            and count_rows(path, "parquet") > job.partition_rows
-        ):
-            return None
-    return list(_read_items(engine, job, [part], roles))
+    which the consumer streams itself so that memory stays bounded. The footer is read once,
+    for the size check and the schema checks together."""
+    done = _done(job, part)
+    if done is not None:
+        return [done]
+    checked = _checked_schema(Path(part.path), job.data_format, roles)
+    fmt, _, rows, problem = checked
+    if problem is None and fmt == "parquet" and rows > job.partition_rows:
+        return None
+    return list(read_partition(engine, job, part, roles, checked))
 
 
 def read_items_parallel(

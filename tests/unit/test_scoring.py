@@ -1024,3 +1024,31 @@ def test_gpu_worker_pre_imports_exist_and_match_the_readme() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     (listed,) = re.findall(r"--pre-import (\S+)", readme)
     assert tuple(listed.split(",")) == GPU_WORKER_PRE_IMPORT
+
+
+def test_each_footer_is_read_once_when_files_are_read_ahead(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Files read ahead on pool threads: the size check and the schema checks share one footer
+    read per file."""
+    from collections import Counter
+
+    from tasks import scoring
+
+    parts = write_parts(base_frame, tmp_path / "in", 4)
+    reads: Counter[str] = Counter()
+
+    def counted(real: Any) -> Any:
+        def counting(path: Path, *args: Any) -> Any:
+            reads[Path(path).name] += 1
+            return real(path, *args)
+
+        return counting
+
+    # every footer read in scoring goes through one of these two
+    for name in ("read_footer", "count_rows"):
+        monkeypatch.setattr(scoring, name, counted(getattr(scoring, name)))
+    entries = score(make_job(bundle_dir, tmp_path / "out", io_threads=2), parts)
+    assert [e.status for e in entries] == ["scored"] * 4
+    assert sum(e.rows_scored for e in entries) == len(base_frame)
+    assert reads == {f"part-{i}.parquet": 1 for i in range(4)}
