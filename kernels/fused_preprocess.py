@@ -323,25 +323,45 @@ def fused_preprocess(
     kernels = _build_kernels(interpret)
     args = (num_t, codes_t, *params, out, n, stride_num, stride_codes, stride_out, n.bit_length())
     meta = {"K_NUM": k, "K_CAT": c, "K_PAD": 1 << (width - 1).bit_length(), "IDX64": idx64}
-    fixed = interpret or n < AUTOTUNE_MIN_ROWS
-    if fixed or block_n is not None or num_warps is not None:
-        bn = block_n or FIXED_CONFIG[0]
-        nw = num_warps or FIXED_CONFIG[1]
+    tune = not interpret and n >= AUTOTUNE_MIN_ROWS
+    launch_rows(kernels, n, args, meta, device, "BLOCK_N", FIXED_CONFIG, (block_n, num_warps), tune)
+    return out
+
+
+def launch_rows(
+    kernels: dict[str, Any],
+    n: int,
+    args: tuple[Any, ...],
+    meta: dict[str, Any],
+    device: torch.device,
+    block_key: str,
+    fixed_config: tuple[int, int],
+    tile: tuple[int | None, int | None],
+    tune: bool,
+) -> None:
+    """Launch a kernel over cdiv(n, block) programs of `block_key` rows each: the autotuned
+    kernel (`kernels["tuned"]`) when `tune` and no tile is given, else the plain one with the
+    tile's (block, num_warps), `fixed_config` filling what the tile leaves out."""
+    import torch
+
+    block, num_warps = tile
+    if not tune or block is not None or num_warps is not None:
+        bn = block or fixed_config[0]
+        nw = num_warps or fixed_config[1]
         launch = kernels["plain"][(triton_cdiv(n, bn),)]
-        extra: dict[str, Any] = {"BLOCK_N": bn, "num_warps": nw}
+        extra: dict[str, Any] = {block_key: bn, "num_warps": nw}
     else:
-        launch = kernels["tuned"][lambda m: (triton_cdiv(n, m["BLOCK_N"]),)]
+        launch = kernels["tuned"][lambda m: (triton_cdiv(n, m[block_key]),)]
         extra = {}
     # Triton's autotuner keeps unguarded per-key state: dask's threaded scheduler calling this
     # from several threads raced inside it on a 2-GPU host. Tuning happens once per size bucket,
-    # and a launch is microseconds, so one lock costs nothing measurable.
+    # and a launch is microseconds, so one lock for every kernel costs nothing measurable.
     with _LAUNCH_LOCK:
         if device.type == "cuda":
             with torch.cuda.device(device):
                 launch(*args, **meta, **extra)
         else:
             launch(*args, **meta, **extra)
-    return out
 
 
 _LAUNCH_LOCK = threading.Lock()

@@ -27,14 +27,13 @@ the kernel is jit-decorated then, so `TRITON_INTERPRET=1` set after this import 
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 
-from kernels.fused_preprocess import _interpret, _to_torch, is_available, triton_cdiv
+from kernels.fused_preprocess import _interpret, _to_torch, is_available, launch_rows
 
 if TYPE_CHECKING:
     import torch
@@ -76,7 +75,6 @@ AUTOTUNE_MIN_ROWS = 1 << 20
 AUTOTUNE_CACHE_RESULTS = True  # the tuner's choice kept in Triton's on-disk cache
 
 _KERNELS: dict[str, Any] = {}
-_LAUNCH_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -345,7 +343,7 @@ def _tree_predict_kernel(
     row_ok = rows < n
     x_rows = x_ptr + rows * stride_row
     n_internal = (1 << DEPTH) - 1
-    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    acc = tl.full([BLOCK], 0.0, tl.float32)
     tree_nodes = nodes_ptr
     tree_leaves = leaf_ptr - n_internal  # indexed by the depth-DEPTH node's position
     # A while loop, not `range(n_trees)`: triton 3.6's interpreter turns a scalar argument into
@@ -353,7 +351,7 @@ def _tree_predict_kernel(
     # issue 9171). Compiled, it is the same runtime loop over the trees.
     trees_left = n_trees
     while trees_left > 0:
-        node = tl.zeros([BLOCK], dtype=tl.int32)
+        node = tl.full([BLOCK], 0, tl.int32)
         for _ in tl.static_range(DEPTH):
             # Every lane's node index is in range (tail rows too), so these loads need no mask.
             record = tl.load(tree_nodes + node)
@@ -487,20 +485,6 @@ def tree_predict(
     )
     meta = {"DEPTH": forest.depth, "IDX64": idx64}
     kernels = _build_kernels(interpret)
-    fixed = interpret or n < AUTOTUNE_MIN_ROWS
-    if fixed or block is not None or num_warps is not None:
-        bn = block or FIXED_CONFIG[0]
-        nw = num_warps or FIXED_CONFIG[1]
-        launch = kernels["plain"][(triton_cdiv(n, bn),)]
-        extra: dict[str, Any] = {"BLOCK": bn, "num_warps": nw}
-    else:
-        launch = kernels["tuned"][lambda m: (triton_cdiv(n, m["BLOCK"]),)]
-        extra = {}
-    # the autotuner's per-key state is unguarded (see kernels.fused_preprocess)
-    with _LAUNCH_LOCK:
-        if device.type == "cuda":
-            with torch.cuda.device(device):
-                launch(*args, **meta, **extra)
-        else:
-            launch(*args, **meta, **extra)
+    tune = not interpret and n >= AUTOTUNE_MIN_ROWS
+    launch_rows(kernels, n, args, meta, device, "BLOCK", FIXED_CONFIG, (block, num_warps), tune)
     return out

@@ -41,6 +41,7 @@ from kernels.tree_predict import (  # noqa: E402
     tree_predict,
 )
 from tasks.xgboost_onnx import complete_forest  # noqa: E402
+from tests.xgboost_probes import threshold_probes  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -129,35 +130,6 @@ def leaves_by_tree(booster: Any) -> list[list[tuple[np.float32, int]]]:
 def as_dtype(x: np.ndarray, dtype: str) -> np.ndarray:
     with np.errstate(over="ignore"):  # +-3e38 become +-inf in float16
         return x.astype(dtype)
-
-
-def split_points(booster: Any) -> dict[int, np.ndarray]:
-    """Each feature's split thresholds, from the model itself."""
-    points: dict[int, list[float]] = {}
-    for tree in model_json(booster)["learner"]["gradient_booster"]["model"]["trees"]:
-        for left, feature, value in zip(
-            tree["left_children"], tree["split_indices"], tree["split_conditions"], strict=True
-        ):
-            if left != -1:
-                points.setdefault(int(feature), []).append(value)
-    return {f: np.asarray(v, np.float32) for f, v in points.items()}
-
-
-def threshold_probes(booster: Any, seed: int, k: int = N_FEATURES) -> np.ndarray:
-    """Rows with one feature exactly on a split point or one float step either side."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for feature, values in split_points(booster).items():
-        for v in values:
-            for point in (
-                v,
-                np.nextafter(v, np.float32(-np.inf)),
-                np.nextafter(v, np.float32(np.inf)),
-            ):
-                row = rng.normal(size=k).astype(np.float32)
-                row[feature] = point
-                rows.append(row)
-    return np.stack(rows)
 
 
 def hand_forest(leaf_value: float = -0.75) -> CompleteForest:
@@ -339,7 +311,7 @@ def test_reference_on_the_thresholds_equals_xgboost(max_depth: int) -> None:
     float step either side land in the same leaves."""
     booster = train(max_depth=max_depth, rounds=30)
     seed = case_seed(f"thresholds-{max_depth}")
-    x = threshold_probes(booster, seed)
+    x = threshold_probes(booster, seed, N_FEATURES)
     assert len(x) > 100
     got = tree_predict_reference(x, complete_forest(booster, N_FEATURES))
     np.testing.assert_allclose(got, booster.inplace_predict(x), rtol=0, atol=ATOL)
@@ -385,7 +357,7 @@ def test_kernel_matches_reference(n: int, max_depth: int, dtype: str) -> None:
 def test_kernel_on_the_thresholds_and_hand_built_forest() -> None:
     booster = train(max_depth=5, rounds=20)
     forest = complete_forest(booster, N_FEATURES)
-    x = threshold_probes(booster, case_seed("kernel-thresholds"))
+    x = threshold_probes(booster, case_seed("kernel-thresholds"), N_FEATURES)
     got = run_kernel(x, forest)
     np.testing.assert_allclose(got, tree_predict_reference(x, forest), rtol=0, atol=ATOL)
     np.testing.assert_allclose(got, booster.inplace_predict(x), rtol=0, atol=ATOL)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
 import pytest
 
 from tasks.xgboost_onnx import _reachable, base_margin, tree_nodes, xgboost_to_onnx
+from tests.xgboost_probes import threshold_probes
 
 N_FEATURES = 6
 
@@ -41,19 +41,6 @@ def onnx_probs(booster: Any, x: np.ndarray) -> np.ndarray:
     return out[:, 0]
 
 
-def split_points(booster: Any) -> dict[int, np.ndarray]:
-    """Each feature's split thresholds, from the model itself."""
-    model = json.loads(bytes(booster.save_raw(raw_format="json")))
-    points: dict[int, list[float]] = {}
-    for tree in model["learner"]["gradient_booster"]["model"]["trees"]:
-        for left, feature, value in zip(
-            tree["left_children"], tree["split_indices"], tree["split_conditions"], strict=True
-        ):
-            if left != -1:
-                points.setdefault(int(feature), []).append(value)
-    return {f: np.asarray(v, np.float32) for f, v in points.items()}
-
-
 @pytest.mark.parametrize("seed", [0, 1])
 def test_onnx_equals_xgboost_on_random_and_missing_values(seed: int) -> None:
     import xgboost as xgb
@@ -75,19 +62,7 @@ def test_a_value_equal_to_the_threshold_goes_right_as_in_xgboost() -> None:
     import xgboost as xgb
 
     booster = train()
-    rng = np.random.default_rng(5)
-    rows = []
-    for feature, values in split_points(booster).items():
-        for v in values:
-            for point in (
-                v,
-                np.nextafter(v, np.float32(-np.inf)),
-                np.nextafter(v, np.float32(np.inf)),
-            ):
-                row = rng.normal(size=N_FEATURES).astype(np.float32)
-                row[feature] = point
-                rows.append(row)
-    x = np.stack(rows)
+    x = threshold_probes(booster, 5, N_FEATURES)
     assert len(x) > 100
     np.testing.assert_allclose(
         onnx_probs(booster, x), booster.predict(xgb.DMatrix(x)), rtol=0, atol=1e-6
