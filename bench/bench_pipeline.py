@@ -67,7 +67,9 @@ def timed(fn: Any, *args: Any, **kwargs: Any) -> tuple[Any, float]:
 
 def bench_config(data_dir: Path, home: Path, args: argparse.Namespace) -> Any:
     """The built-in config with the benchmark's model settings: `args.trees` trees of
-    `args.depth` (no early stopping), an MLP of `args.mlp_epochs` epochs on `args.mlp_rows`."""
+    `args.depth` (no early stopping), an MLP of `args.mlp_epochs` epochs on `args.mlp_rows`.
+    INT8 calibration is off: it runs on the CPU (ONNX Runtime) after either device's training,
+    so it would blur the MLP stage's GPU/CPU ratio."""
     from tasks.config import builtin_config
 
     return builtin_config(
@@ -79,6 +81,7 @@ def bench_config(data_dir: Path, home: Path, args: argparse.Namespace) -> Any:
             "model.xgboost.early_stopping_rounds": args.trees,
             "model.mlp.epochs": args.mlp_epochs,
             "model.mlp.max_train_rows": args.mlp_rows,
+            "model.int8.enabled": False,
         },
     )
 

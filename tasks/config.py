@@ -91,9 +91,24 @@ class MLPConfig(_Strict):
     max_train_rows: int = Field(default=2_000_000, ge=1000)
 
 
+class Int8Config(_Strict):
+    """INT8 calibration of the MLP's ONNX model (explicit Q/DQ, tasks/quantize.py)."""
+
+    enabled: bool = True
+    calibration_rows: int = Field(default=4096, ge=16, description="Training rows calibrated on.")
+    method: Literal["minmax", "percentile", "entropy"] = "minmax"
+    max_auc_drop: float = Field(
+        default=0.005, ge=0.0, description="Largest test ROC AUC loss for keeping the INT8 model."
+    )
+    check_rows: int = Field(
+        default=200_000, ge=1000, description="Test rows both models score for the comparison."
+    )
+
+
 class ModelConfig(_Strict):
     xgboost: XGBoostConfig = XGBoostConfig()
     mlp: MLPConfig = MLPConfig()
+    int8: Int8Config = Int8Config()
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     onnx_parity_atol: float = Field(default=1e-4, gt=0.0)
 

@@ -524,6 +524,22 @@ def train_mlp(
     export_mlp_onnx(model, len(feature_names), out_dir / ONNX_FILE)
     scored = mlp_predict(model, test.features)
     ev = evaluate_on_test(test, scored, out_dir / ONNX_FILE, cfg.onnx_parity_atol, "mlp")
+    int8 = None
+    if cfg.int8.enabled:
+        from tasks.quantize import calibrate_int8
+
+        int8 = calibrate_int8(
+            out_dir,
+            ONNX_FILE,
+            ONNX_INPUT,
+            train.features,
+            to_host(test.features[: cfg.int8.check_rows]),
+            ev.y_test,
+            onnx_predict,
+            cfg.int8,
+            seed,
+        )
+        log.info("MLP INT8 (Q/DQ): %s", int8)
     params = {**cfg.mlp.model_dump(), "device": backend.torch_device, "seed": seed}
     write_bundle_json(
         out_dir,
@@ -540,6 +556,7 @@ def train_mlp(
             "parity_max_abs_diff": ev.parity_max_abs_diff,
             "parity_atol": cfg.onnx_parity_atol,
             "metrics": ev.metrics,
+            "int8": int8.to_json() if int8 is not None else None,
         },
     )
     return TrainedModel(

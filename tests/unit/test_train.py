@@ -128,3 +128,31 @@ def test_mlp_predict_in_chunks_equals_one_pass(monkeypatch: pytest.MonkeyPatch) 
     assert got.shape == (50,)
     np.testing.assert_allclose(got, expected, rtol=0, atol=1e-7)
     assert mlp_predict(model, x[:0]).shape == (0,)
+
+
+def test_mlp_bundle_carries_a_checked_int8_qdq_model(trained) -> None:
+    """Training writes an explicitly quantized (Q/DQ) copy of the MLP, calibrated on training
+    rows and compared with the float model on the test split; its report is in bundle.json."""
+    import onnx
+
+    from tasks.quantize import INT8_ONNX_FILE, qdq_node_count
+    from tasks.train import onnx_predict, read_bundle_json
+
+    etl, _, mlp = trained
+    report = read_bundle_json(Path(mlp.bundle_dir))["int8"]
+    assert report["kept"] and report["file"] == INT8_ONNX_FILE, report
+    assert report["auc_drop"] <= 0.005
+    int8_path = Path(mlp.bundle_dir) / INT8_ONNX_FILE
+    assert qdq_node_count(int8_path) > 0
+    assert qdq_node_count(Path(mlp.bundle_dir) / "model.onnx") == 0
+    # symmetric int8 (zero point 0) everywhere: what TensorRT's explicit quantization takes
+    for init in onnx.load(str(int8_path)).graph.initializer:
+        if init.name.endswith("zero_point"):
+            arr = onnx.numpy_helper.to_array(init)
+            assert arr.dtype == np.int8 and not arr.any(), init.name
+    # the int8 model scores like the float model, within what calibration allows
+    feats = pd.read_parquet(etl.features_dir("test"))
+    x = feats[list(read_bundle_json(Path(mlp.bundle_dir))["feature_names"])].to_numpy(np.float32)
+    p_float = onnx_predict(Path(mlp.bundle_dir) / "model.onnx", x)
+    p_int8 = onnx_predict(int8_path, x)
+    assert 0 < np.max(np.abs(p_float - p_int8)) <= report["max_abs_diff"] + 1e-6
