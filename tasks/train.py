@@ -503,6 +503,24 @@ def export_mlp_onnx(model: Any, n_features: int, path: Path) -> None:
         )
 
 
+def mlp_engine(out_dir: Path, n_features: int, int8: Any, backend: Backend) -> Any:
+    """A TensorRT plan of the MLP (INT8 from the kept Q/DQ model, else FP16), or the report of
+    why there is none (`tasks.tensorrt_engine`)."""
+    from tasks.tensorrt_engine import batch_profile, engine_report
+
+    quantized = int8 is not None and int8.kept
+    source = out_dir / (int8.file if quantized else ONNX_FILE)
+    return engine_report(
+        source,
+        out_dir,
+        ONNX_INPUT,
+        n_features,
+        batch_profile(MLP_PREDICT_ROWS, 4096),
+        quantized,
+        backend.device == "gpu",
+    )
+
+
 def train_mlp(
     etl: EtlOutput,
     feature_names: list[str],
@@ -540,6 +558,7 @@ def train_mlp(
             seed,
         )
         log.info("MLP INT8 (Q/DQ): %s", int8)
+    engine = mlp_engine(out_dir, len(feature_names), int8, backend)
     params = {**cfg.mlp.model_dump(), "device": backend.torch_device, "seed": seed}
     write_bundle_json(
         out_dir,
@@ -557,6 +576,7 @@ def train_mlp(
             "parity_atol": cfg.onnx_parity_atol,
             "metrics": ev.metrics,
             "int8": int8.to_json() if int8 is not None else None,
+            "tensorrt": engine.to_json(),
         },
     )
     return TrainedModel(

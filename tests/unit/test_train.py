@@ -156,3 +156,7 @@ def test_mlp_bundle_carries_a_checked_int8_qdq_model(trained) -> None:
     p_float = onnx_predict(Path(mlp.bundle_dir) / "model.onnx", x)
     p_int8 = onnx_predict(int8_path, x)
     assert 0 < np.max(np.abs(p_float - p_int8)) <= report["max_abs_diff"] + 1e-6
+    # trained on CPU: no TensorRT plan, and the bundle says why
+    engine = read_bundle_json(Path(mlp.bundle_dir))["tensorrt"]
+    assert not engine["built"] and "without a GPU" in engine["reason"]
+    assert not list(Path(mlp.bundle_dir).glob("*.plan"))
