@@ -163,14 +163,19 @@ def tree_ensemble_model(
     return model
 
 
-def xgboost_to_onnx(booster: Any, n_features: int, input_name: str, output_name: str) -> Any:
-    """Convert a binary:logistic booster (all its trees) to an ONNX model."""
+def binary_forest(booster: Any, n_features: int) -> tuple[TreeNodes, float]:
+    """A binary:logistic booster's reachable nodes (all its trees) and base margin, read from
+    its JSON model; raises ValueError on anything `check_binary_gbtree` or `tree_nodes` refuse."""
     model = json.loads(bytes(booster.save_raw(raw_format="json")))
     check_binary_gbtree(model)
-    trees = model["learner"]["gradient_booster"]["model"]["trees"]
-    return tree_ensemble_model(
-        tree_nodes(trees, n_features), base_margin(model), n_features, input_name, output_name
-    )
+    nodes = tree_nodes(model["learner"]["gradient_booster"]["model"]["trees"], n_features)
+    return nodes, base_margin(model)
+
+
+def xgboost_to_onnx(booster: Any, n_features: int, input_name: str, output_name: str) -> Any:
+    """Convert a binary:logistic booster (all its trees) to an ONNX model."""
+    nodes, margin = binary_forest(booster, n_features)
+    return tree_ensemble_model(nodes, margin, n_features, input_name, output_name)
 
 
 def complete_forest(booster: Any, n_features: int) -> CompleteForest:
@@ -184,9 +189,7 @@ def complete_forest(booster: Any, n_features: int) -> CompleteForest:
     """
     from kernels.tree_predict import pack_complete_forest
 
-    model = json.loads(bytes(booster.save_raw(raw_format="json")))
-    check_binary_gbtree(model)
-    nodes = tree_nodes(model["learner"]["gradient_booster"]["model"]["trees"], n_features)
+    nodes, margin = binary_forest(booster, n_features)
     return pack_complete_forest(
         nodes.tree_ids,
         nodes.node_ids,
@@ -196,6 +199,6 @@ def complete_forest(booster: Any, n_features: int) -> CompleteForest:
         nodes.left,
         nodes.right,
         nodes.default_left,
-        base_margin=base_margin(model),
+        base_margin=margin,
         n_features=n_features,
     )
