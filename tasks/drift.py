@@ -106,13 +106,7 @@ def matrix_bin_counts(
         # host: feature-major copy, each column's values contiguous for the per-edge passes
         columns = feature_major(np.asarray(matrix)) if xp is np else matrix.T
         return bin_counts_many(list(zip(columns, edges_per_column, strict=True)))
-    from kernels.bin_counts import at_least_counts
-
-    counts = at_least_counts(matrix, edges_per_column)
-    return [
-        _bins_from_at_least(n, counts[j, : len(edges)], int(counts[j, -1]))
-        for j, edges in enumerate(edges_per_column)
-    ]
+    return matrix_bin_counts_segments(matrix, edges_per_column, [0, n])[0]
 
 
 def matrix_bin_counts_segments(
@@ -197,9 +191,7 @@ def histogram_counts(
 
     Features without a training histogram are left out.
     """
-    edges = [histograms[name].edges if name in histograms else [] for name in feature_names]
-    counts = matrix_bin_counts(matrix, edges)
-    return {name: c for name, c in zip(feature_names, counts, strict=True) if name in histograms}
+    return histogram_counts_segments(matrix, feature_names, histograms, [0, len(matrix)])[0]
 
 
 def histogram_counts_segments(
