@@ -16,6 +16,7 @@
 #   bash bench/gpu_session.sh timeline   # CUDA activity of one scoring process (torch.profiler)
 #   bash bench/gpu_session.sh variants   # one scoring process per setting (codecs, predictor)
 #   bash bench/gpu_session.sh tree       # tree kernel: GPU tests, then against XGBoost's predictor
+#   bash bench/gpu_session.sh streams    # I/O threads' own CUDA streams vs the default stream (A/B)
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -153,6 +154,34 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       tests/unit/test_scoring.py tests/unit/test_gpu_path.py
     part bench_tree_predict $py bench/bench_tree_predict.py --rows "$rows" \
       --out "$out/bench_tree_predict.json"
+    ;;
+  streams)  # worker pipeline with cuDF I/O on the I/O threads' streams vs the default stream,
+    # alternating, same data; then one traced run of each (GPU busy time, kernels per stream)
+    part prepare timeout 900 $py bench/profile_gpu_timeline.py --rows "$rows" --files "${FILES:-20}" \
+      --prepare-only
+    for i in 1 2; do
+      for v in streams legacy; do
+        flag=(); [ $v = legacy ] && flag=(--no-gpu-streams)
+        part "streams_${v}_$i" timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
+          --files "${FILES:-20}" --no-trace "${flag[@]}" --out "$out/streams_${v}_$i.json"
+      done
+    done
+    for v in streams legacy; do
+      flag=(); [ $v = legacy ] && flag=(--no-gpu-streams)
+      part "streams_${v}_traced" timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
+        --files "${FILES:-20}" "${flag[@]}" --out "$out/streams_${v}_traced.json"
+    done
+    $py - "$out"/streams_*.json <<'SUMMARY'
+import json, sys
+for path in sys.argv[1:]:
+    d = json.load(open(path))
+    line = f"{path.rsplit('/', 1)[-1]}: {d['timed']['rows_per_s'] / 1e6:.1f}M rows/s"
+    if "traced" in d:
+        g = d["traced"]["gpu"]
+        line += f"; traced {d['traced']['seconds']:.3f} s, GPU busy {g['any_busy_s']:.3f} s"
+    print(line)
+SUMMARY
+    tar -czf "$out/streams_${rows}.tar.gz" -C "$out" $(cd "$out" && ls streams_*.json streams_*.log)
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests

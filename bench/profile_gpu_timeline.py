@@ -171,6 +171,11 @@ def main() -> None:
         help="synchronise the device at the end of each sub-step of scoring (transform, predict, "
         "statistics, output table): each span then holds its own GPU work",
     )
+    p.add_argument(
+        "--no-gpu-streams",
+        action="store_true",
+        help="scoring.gpu_streams = false: batches decoded and encoded on the default stream",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -199,6 +204,7 @@ def main() -> None:
             output_dir=str(args.output_root / tag),
             partition_rows=rows_per_file,
             batch_rows=args.batch_rows,
+            gpu_streams=not args.no_gpu_streams,
         )
 
     shutil.rmtree(args.output_root, ignore_errors=True)
@@ -238,6 +244,7 @@ def main() -> None:
         "rows": args.rows,
         "files": len(files),
         "sync_substeps": args.sync_substeps,
+        "gpu_streams": not args.no_gpu_streams,
         "env": {k: v for k, v in os.environ.items() if k.startswith(("CUDF_", "CUPY_", "KVIKIO"))},
         "output_root": str(args.output_root),
         "timed": {"seconds": wall, "rows_per_s": args.rows / wall, "steps": clock.report(wall)},

@@ -231,6 +231,7 @@ def batch_scoring(
                 run_id=run_id,
                 io_threads=cfg.scoring.io_threads,
                 gpu_io=cfg.scoring.gpu_io,
+                gpu_streams=cfg.scoring.gpu_streams,
                 batch_rows=cfg.scoring.batch_rows,
             )
             result = score_partitions_task(

@@ -145,6 +145,12 @@ class ScoringConfig(_Strict):
         "of files) or on the worker's CPU threads with pyarrow, moving only columns across "
         "PCIe (arrow: faster only when files are scored one at a time).",
     )
+    gpu_streams: bool = Field(
+        default=True,
+        description="GPU workers with gpu_io = cudf: decode and encode batches on CUDA streams "
+        "of the reading and writing threads' own, so they overlap the transform and predict "
+        "instead of queuing behind them on the default stream (tasks/gpu_io.py).",
+    )
     batch_rows: int = Field(
         default=0,
         ge=0,

@@ -151,6 +151,7 @@ class ScoringJob(_Frozen):
     run_id: str = ""
     io_threads: int = 0
     gpu_io: Literal["cudf", "arrow"] = "cudf"
+    gpu_streams: bool = True
     batch_rows: int = 0
 
     @property
@@ -1076,10 +1077,17 @@ class GpuEngine:
     model_name: str
     model_version: int
     io: Literal["cudf", "arrow"] = "arrow"
+    # cudf I/O of whole batches on the reading and writing threads' own CUDA streams
+    # (tasks/gpu_io.py) rather than the legacy default stream that scoring uses
+    streams: bool = True
 
     @property
     def spec(self) -> TransformSpec:
         return self.bundle.spec
+
+    @property
+    def _own_streams(self) -> bool:
+        return self.io == "cudf" and self.streams
 
     def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any:
         import cudf
@@ -1101,6 +1109,10 @@ class GpuEngine:
         try:
             if self.io == "arrow":
                 return cudf.DataFrame.from_arrow(self._read_arrow(paths, columns))
+            if self._own_streams:
+                from tasks.gpu_io import read_parquet_on_stream
+
+                return read_parquet_on_stream(paths, columns)
             # one call: cuDF reads the files' pages in parallel, one kernel launch per column
             return cudf.read_parquet([str(p) for p in paths], columns=columns)
         except (MemoryError, KeyboardInterrupt, DataError):
@@ -1182,6 +1194,10 @@ class GpuEngine:
             )
         else:
             table = self._device_table(ids, probs, labels)
+            if self._own_streams:
+                # the writer's stream must not encode the table before it is complete, and the
+                # input frame (freed on the reader's stream) must not be freed while read
+                cupy.cuda.Stream.null.synchronize()
         return ScoredBatch(table, stats)
 
     def _device_table(self, ids: Any, probs: Any, labels: Any) -> Any:
@@ -1205,6 +1221,11 @@ class GpuEngine:
     def write_batch(self, table: Any, offsets: Sequence[int], paths: list[Path]) -> None:
         if self.io == "arrow":
             write_arrow_segments(table, offsets, paths)
+            return
+        if self._own_streams:
+            from tasks.gpu_io import write_parquet_on_stream
+
+            write_parquet_on_stream(table, offsets, paths, OUTPUT_COMPRESSION)
             return
         # one call: cuDF encodes every file's pages together on the device
         table.to_parquet(
@@ -1287,7 +1308,9 @@ def load_engine(job: ScoringJob, threads: int) -> Engine:
 
         bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cuda")
         transform = DeviceTransform(bundle.spec_dict, bundle.lookups, cupy)
-        return GpuEngine(bundle, transform, job.model_name, job.model_version, job.gpu_io)
+        return GpuEngine(
+            bundle, transform, job.model_name, job.model_version, job.gpu_io, job.gpu_streams
+        )
     bundle = LoadedBundle.load(bundle_dir, job.scorer, device="cpu")
     # one worker per core: each model uses its worker's threads, not every core of the machine
     if isinstance(bundle.scorer, XGBoostScorer):
@@ -1303,7 +1326,7 @@ def load_engine(job: ScoringJob, threads: int) -> Engine:
 def cached_engine(job: ScoringJob) -> Engine:
     """This worker's engine for the job's bundle, scorer and device, loaded on first use."""
     threads = worker_threads()
-    key = ("engine", job.bundle_dir, job.scorer, job.device, job.gpu_io, threads)
+    key = ("engine", job.bundle_dir, job.scorer, job.device, job.gpu_io, job.gpu_streams, threads)
     return worker_cached(key, lambda: load_engine(job, threads))
 
 

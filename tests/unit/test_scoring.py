@@ -55,6 +55,9 @@ from tasks.scoring import (
 )
 
 GPU_OK, GPU_WHY = probe_gpu()
+# (scoring.gpu_io, scoring.gpu_streams): cuDF I/O on the I/O threads' own CUDA streams (the
+# default), cuDF I/O on the default stream, pyarrow I/O on CPU threads (streams do not apply)
+GPU_IO_SETTINGS = [("cudf", True), ("cudf", False), ("arrow", True)]
 
 
 # ---------------------------------------------------------------- fixtures and helpers
@@ -908,9 +911,10 @@ def test_device_transform_logic_matches_numpy_features_on_host(
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
 @pytest.mark.parametrize(("batch_rows", "files_per_read"), [(0, [3, 2]), (1500, [2, 1, 2])])
-@pytest.mark.parametrize("gpu_io", ["cudf", "arrow"])
+@pytest.mark.parametrize(("gpu_io", "gpu_streams"), GPU_IO_SETTINGS)
 def test_gpu_engine_matches_cpu_engine(
     gpu_io: str,
+    gpu_streams: bool,
     batch_rows: int,
     files_per_read: list[int],
     bundle_dir: Path,
@@ -924,7 +928,7 @@ def test_gpu_engine_matches_cpu_engine(
     cpu = score(make_job(bundle_dir, tmp_path / "cpu"), parts)
     gpu_job = make_job(
         bundle_dir, tmp_path / "gpu", device="gpu", partition_rows=1500, gpu_io=gpu_io,
-        batch_rows=batch_rows,
+        gpu_streams=gpu_streams, batch_rows=batch_rows,
     )  # fmt: skip
     gpu, engine = score_batched(gpu_job, parts)
     assert [len(r) for r in engine.of("read_many")] == files_per_read
@@ -947,14 +951,16 @@ def test_gpu_engine_matches_cpu_engine(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
-@pytest.mark.parametrize("gpu_io", ["cudf", "arrow"])
+@pytest.mark.parametrize(("gpu_io", "gpu_streams"), GPU_IO_SETTINGS)
 def test_gpu_batches_quarantine_bad_files_as_the_cpu_does(
-    gpu_io: str, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+    gpu_io: str, gpu_streams: bool, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
     kinds = [k for k in MIXED_KINDS if k != "empty"]
     parts = write_kinds(base_frame, tmp_path / "in", kinds)
     want = score(make_job(bundle_dir, tmp_path / "cpu"), parts)
-    job = make_job(bundle_dir, tmp_path / "gpu", device="gpu", gpu_io=gpu_io)
+    job = make_job(
+        bundle_dir, tmp_path / "gpu", device="gpu", gpu_io=gpu_io, gpu_streams=gpu_streams
+    )
     got, engine = score_batched(job, parts)
     assert engine.of("read_many")[0] == [
         "0-good.parquet", "2-good.parquet", "4-duplicate-ids.parquet", "5-good.parquet"
