@@ -159,17 +159,14 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     # alternating, same data; then one traced run of each (GPU busy time, kernels per stream)
     part prepare timeout 900 $py bench/profile_gpu_timeline.py --rows "$rows" --files "${FILES:-20}" \
       --prepare-only
-    for i in 1 2; do
+    for run in 1 2 traced; do
       for v in streams legacy; do
-        flag=(); [ $v = legacy ] && flag=(--no-gpu-streams)
-        part "streams_${v}_$i" timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
-          --files "${FILES:-20}" --no-trace "${flag[@]}" --out "$out/streams_${v}_$i.json"
+        flags=()
+        [ $v = legacy ] && flags+=(--no-gpu-streams)
+        [ $run = traced ] || flags+=(--no-trace)
+        part "streams_${v}_$run" timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
+          --files "${FILES:-20}" "${flags[@]}" --out "$out/streams_${v}_$run.json"
       done
-    done
-    for v in streams legacy; do
-      flag=(); [ $v = legacy ] && flag=(--no-gpu-streams)
-      part "streams_${v}_traced" timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
-        --files "${FILES:-20}" "${flag[@]}" --out "$out/streams_${v}_traced.json"
     done
     $py - "$out"/streams_*.json <<'SUMMARY'
 import json, sys
