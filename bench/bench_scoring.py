@@ -347,10 +347,19 @@ def compare_scores(flow_out: Path, naive_out: Path, files: list[Path], n: int = 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from flows.cli import quiet_embedded_prefect_server
-    from tasks.cluster import cpu_count
+    from flows.cli import embedded_api_without_heartbeats, quiet_embedded_prefect_server
 
     quiet_embedded_prefect_server()  # the flow runs here as `gpupipe score` runs it
+    with embedded_api_without_heartbeats():
+        return run_benchmark(args)
+
+
+def run_benchmark(args: argparse.Namespace) -> int:
+    from prefect.settings import get_current_settings
+
+    from tasks.cluster import cpu_count
+
+    heartbeats_off = get_current_settings().flows.heartbeat_frequency is None
 
     if args.device == "gpu":
         from tasks.backend import probe_gpu
@@ -421,6 +430,16 @@ def main(argv: list[str] | None = None) -> int:
             secs, cached = run_flow(args, config, inputs, work / "out-flow-cached", address)
             record("flow (warm, model cached)", secs, workers=cached["workers"])
             record("  its scoring phase", cached["seconds_scoring"])
+            if heartbeats_off:
+                # the same run with Prefect's flow-run heartbeats on, as under a Prefect server
+                from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY as FREQUENCY
+                from prefect.settings import temporary_settings
+
+                with temporary_settings(updates={FREQUENCY: FREQUENCY.default()}):
+                    out = work / "out-flow-heartbeats"
+                    secs, beats = run_flow(args, config, inputs, out, address)
+                record("flow (warm, cached, heartbeats)", secs, workers=beats["workers"])
+                record("  its scoring phase", beats["seconds_scoring"])
 
     base = results[0]["rows_per_s"]
     for r in results:
@@ -438,6 +457,7 @@ def main(argv: list[str] | None = None) -> int:
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
         "max_abs_score_diff_flow_vs_naive": diff,
+        "prefect_heartbeats": "off (no Prefect server)" if heartbeats_off else "on",
     }
     if args.device == "cpu":
         goal = 0.8 * cpu_count()

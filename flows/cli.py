@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -224,9 +226,42 @@ def quiet_embedded_prefect_server() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
+HEARTBEAT_ENV = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+def heartbeats_reach_a_server(api_url: str | None, environ: Mapping[str, str]) -> bool:
+    """Whether flow-run heartbeats are worth sending: there is a Prefect server that outlives
+    this process (`api_url`), or the user set the heartbeat frequency themselves.
+
+    Heartbeats let a server's automation mark a crashed run as crashed. The temporary API that a
+    run without PREFECT_API_URL starts dies with the run's process, so nothing is left to notice
+    missing heartbeats; and Prefect 3.8's flow engine, when a flow call ends, waits for its
+    heartbeat thread, which sleeps in whole seconds: up to a second per flow call
+    (docs/benchmarks.md, eighth session)."""
+    return bool(api_url) or any(environ.get(name) for name in HEARTBEAT_ENV)
+
+
+@contextmanager
+def embedded_api_without_heartbeats() -> Iterator[None]:
+    """Within: Prefect's flow-run heartbeats off when they would reach no server (see
+    `heartbeats_reach_a_server`); unchanged otherwise."""
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    if heartbeats_reach_a_server(get_current_settings().api.url, os.environ):
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def main() -> None:
     quiet_embedded_prefect_server()
-    app()
+    with embedded_api_without_heartbeats():
+        app()
 
 
 if __name__ == "__main__":
