@@ -17,6 +17,7 @@
 #   bash bench/gpu_session.sh variants   # one scoring process per setting (codecs, predictor)
 #   bash bench/gpu_session.sh tree       # tree kernel: GPU tests, then against XGBoost's predictor
 #   bash bench/gpu_session.sh streams    # I/O threads' own CUDA streams vs the default stream (A/B)
+#   OLD_TREE=dir bash bench/gpu_session.sh ab_code  # worker pipeline: this code vs another commit's
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -179,6 +180,35 @@ for path in sys.argv[1:]:
     print(line)
 SUMMARY
     tar -czf "$out/streams_${rows}.tar.gz" -C "$out" $(cd "$out" && ls streams_*.json streams_*.log)
+    ;;
+  ab_code)  # the worker pipeline, this tree's code vs another's (OLD_TREE: a directory holding
+    # that commit's tasks/ and kernels/), alternating, same data and same profiling script
+    old_tree=${OLD_TREE:?set OLD_TREE to a directory with the other tasks/ and kernels/}
+    part prepare timeout 900 $py bench/profile_gpu_timeline.py --rows "$rows" --files "${FILES:-20}" \
+      --prepare-only
+    for run in 1 2 traced; do
+      for v in new old; do
+        flags=()
+        [ $run = traced ] || flags+=(--no-trace)
+        root=$PWD
+        [ $v = old ] && root=$(cd "$old_tree" && pwd)
+        PYTHONPATH="/tmp/site:$root" part "ab_${v}_$run" timeout 300 $py bench/profile_gpu_timeline.py \
+          --rows "$rows" --files "${FILES:-20}" "${flags[@]}" --out "$out/ab_${v}_$run.json"
+      done
+    done
+    $py - "$out"/ab_*.json <<'SUMMARY'
+import json, sys
+for path in sys.argv[1:]:
+    d = json.load(open(path))
+    line = f"{path.rsplit('/', 1)[-1]}: {d['timed']['rows_per_s'] / 1e6:.1f}M rows/s"
+    if "traced" in d:
+        t = d["traced"]
+        line += f"; traced {t['seconds']:.3f} s, GPU busy {t['gpu']['any_busy_s']:.3f} s; "
+        line += ", ".join(f"{k} {v['seconds']:.3f}" for k, v in t["steps"].items()
+                          if "read" in k or "is_key" in k or k.endswith("score_batch"))
+    print(line)
+SUMMARY
+    tar -czf "$out/ab_${rows}.tar.gz" -C "$out" $(cd "$out" && ls ab_*.json ab_*.log)
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests

@@ -60,6 +60,38 @@ def read_parquet_on_stream(paths: Sequence[Path], columns: list[str]) -> Any:
     return cudf.DataFrame.from_pylibcudf(table)
 
 
+def is_key_on_stream(ids: Any) -> bool:
+    """Whether a cuDF Series has no missing value and no value twice, checked on this thread's
+    stream.
+
+    The null count is known without a kernel. The repeats come from libcudf's hash-based
+    distinct indices, whose count libcudf reads back on this stream; `Series.duplicated()` would
+    launch its kernels on the legacy default stream and so wait behind scoring's work there.
+    Float ids (rare) are checked by cuDF as before, where a NaN counts as missing.
+    """
+    if ids.null_count:
+        return False
+    if ids.dtype.kind == "f":
+        return not bool(ids.isna().any()) and not bool(ids.duplicated().any())
+    if len(ids) < 2:
+        return True
+    import pylibcudf as plc
+    from cudf.core.column import access_columns
+
+    column = ids._column
+    stream = thread_stream()
+    with access_columns(column, mode="read", scope="internal"):  # not spilled while read
+        distinct = plc.stream_compaction.distinct_indices(
+            plc.Table([column.plc_column]),
+            plc.stream_compaction.DuplicateKeepOption.KEEP_ANY,
+            plc.types.NullEquality.EQUAL,
+            plc.types.NanEquality.ALL_EQUAL,
+            stream=stream,
+        )
+        stream.synchronize()
+    return bool(distinct.size() == len(ids))
+
+
 def write_parquet_on_stream(
     frame: Any, offsets: Sequence[int], paths: Sequence[Path], compression: str
 ) -> None:

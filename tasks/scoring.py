@@ -825,6 +825,10 @@ class Engine(Protocol):
         """All rows of several parquet files, in order, as one frame; DataError if any fails."""
         ...
 
+    def is_key(self, ids: Any) -> bool:
+        """Whether an id column of a `read_many` frame has no nulls and no value twice."""
+        ...
+
     def score(self, frame: Any) -> ScoredChunk: ...
     def score_batch(self, frame: Any, offsets: Sequence[int]) -> ScoredBatch:
         """One transform and predict for a frame of several files (rows offsets[i]:offsets[i+1]
@@ -995,6 +999,9 @@ class CpuEngine:
         dictionary = dictionary_columns_of(self.spec, columns)
         return read_arrow_tables(paths, columns, dictionary).to_pandas()
 
+    def is_key(self, ids: Any) -> bool:
+        return not bool(ids.isna().any()) and not bool(ids.duplicated().any())
+
     def score(self, frame: Any) -> ScoredChunk:
         return _only_file(self.score_batch(frame, [0, len(frame)]))
 
@@ -1122,6 +1129,13 @@ class GpuEngine:
                 f"{paths[0]} and {len(paths) - 1} more: unreadable as one batch: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+    def is_key(self, ids: Any) -> bool:
+        if self._own_streams:
+            from tasks.gpu_io import is_key_on_stream
+
+            return is_key_on_stream(ids)
+        return not ids.null_count and not bool(ids.duplicated().any())
 
     def _read_arrow(self, paths: list[Path], columns: list[str]) -> Any:
         """Parquet decoded on this thread's CPU, string categories kept dictionary-encoded (the
@@ -1582,8 +1596,7 @@ def _read_batch(
         for part in parts:
             yield from read_partition(engine, job, part, roles)
         return
-    ids = frame[id_col]
-    if not bool(ids.isna().any()) and not bool(ids.duplicated().any()):
+    if engine.is_key(frame[id_col]):
         yield _Batch(parts, frame, offsets, started)
         return
     # Missing or repeated ids somewhere: check each file's own (ids may repeat across files).
@@ -1646,11 +1659,11 @@ class _ReadAhead:
     """Runs an iterator in a background thread, `depth` items ahead of the consumer; its
     exceptions are re-raised in the consumer."""
 
-    def __init__(self, items: Iterator[Any], depth: int) -> None:
+    def __init__(self, items: Iterator[Any], depth: int, name: str = "gpupipe-read-ahead") -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._items = items
-        self._thread = threading.Thread(target=self._run, name="gpupipe-read-ahead", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def _put(self, item: Any) -> bool:
@@ -1836,10 +1849,13 @@ def score_partitions(
         items = read_items_batched(engine, job, parts, roles)
     else:
         items = read_items_parallel(engine, job, parts, roles, threads)
-    reader = _ReadAhead(items, READ_AHEAD)
+    # named after the calling thread: two pipelines at once in one process (a dask worker with
+    # several threads) keep apart the CUDA streams that tasks/gpu_io.py gives per thread name
+    owner = threading.current_thread().name
+    reader = _ReadAhead(items, READ_AHEAD, f"gpupipe-read-ahead[{owner}]")
     # one single-thread writer per stripe: a file's chunks and commit stay in order on its stripe
     stripes = [
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gpupipe-write-{i}")
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"gpupipe-write-{i}[{owner}]")
         for i in range(threads)
     ]
     pending: deque[Future[ManifestEntry | list[ManifestEntry] | None]] = deque()

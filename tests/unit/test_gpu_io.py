@@ -117,3 +117,37 @@ def test_threads_get_their_own_non_blocking_streams() -> None:
         err, flags = runtime.cudaStreamGetFlags(handle)
         assert err == runtime.cudaError_t.cudaSuccess
         assert flags & runtime.cudaStreamNonBlocking
+
+
+KEY_CASES = {
+    "unique ints": [5, 3, 9, 1],
+    "a repeated int": [5, 3, 9, 3],
+    "a null": [5, None, 9, 1],
+    "unique strings": ["a", "bb", "ccc", ""],
+    "a repeated string": ["a", "bb", "a", "c"],
+    "two NaNs": [1.5, float("nan"), 2.5, float("nan")],
+    "one NaN": [1.5, float("nan"), 2.5, 3.5],
+    "empty": [],
+    "one value": [7],
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+@pytest.mark.parametrize("case", list(KEY_CASES))
+def test_is_key_on_stream_agrees_with_cudf(case: str, test_seed: int) -> None:
+    import cudf
+
+    from tasks.gpu_io import is_key_on_stream
+
+    values = KEY_CASES[case]
+    ids = cudf.Series(values, nan_as_null=False) if values else cudf.Series([], dtype="int64")
+    want = not bool(ids.isna().any()) and not bool(ids.duplicated().any())
+    assert is_key_on_stream(ids) is want
+    # and on a large column read from parquet, with a repeat planted at a random place
+    rng = np.random.default_rng(test_seed)
+    big = cudf.Series(rng.permutation(3_000_000).astype(np.int64))
+    assert is_key_on_stream(big) is True
+    i, j = rng.choice(len(big), 2, replace=False)
+    big.iloc[int(i)] = big.iloc[int(j)]
+    assert is_key_on_stream(big) is False
