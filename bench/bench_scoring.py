@@ -418,9 +418,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
         from tasks.backend import resolve_backend
         from tasks.cluster import dask_client
         from tasks.config import load_config
+        from tasks.scoring import scoring_cluster_config
 
         cfg = load_config(config, flow_overrides(args))  # the cluster the flow would make
-        with dask_client(cfg.cluster, resolve_backend(args.device)) as client:
+        cluster_cfg = scoring_cluster_config(cfg, args.device)
+        with dask_client(cluster_cfg, resolve_backend(args.device)) as client:
             address = client.scheduler.address
             secs, warm = run_flow(args, config, inputs, work / "out-flow-warm", address)
             record("flow (warm cluster)", secs, workers=warm["workers"])

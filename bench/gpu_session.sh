@@ -192,7 +192,9 @@ SUMMARY
         [ $run = traced ] || flags+=(--no-trace)
         root=$PWD
         [ $v = old ] && root=$(cd "$old_tree" && pwd)
-        PYTHONPATH="/tmp/site:$root" part "ab_${v}_$run" timeout 300 $py bench/profile_gpu_timeline.py \
+        # the script puts its own tree first on sys.path: run the other tree's copy of it
+        [ -f "$root/bench/profile_gpu_timeline.py" ] || { mkdir -p "$root/bench" && cp bench/*.py "$root/bench/"; }
+        PYTHONPATH="/tmp/site:$root" part "ab_${v}_$run" timeout 300 $py "$root/bench/profile_gpu_timeline.py" \
           --rows "$rows" --files "${FILES:-20}" "${flags[@]}" --out "$out/ab_${v}_$run.json"
       done
     done

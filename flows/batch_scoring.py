@@ -234,8 +234,9 @@ def batch_scoring(
                 gpu_streams=cfg.scoring.gpu_streams,
                 batch_rows=cfg.scoring.batch_rows,
             )
+            cluster_cfg = scoring.scoring_cluster_config(cfg, dev)
             result = score_partitions_task(
-                job, todo, cluster, cfg.cluster, cfg.scoring.files_per_task
+                job, todo, cluster, cluster_cfg, cfg.scoring.files_per_task
             )
         summary = summarize_task(base, result, len(parts), skipped, bundle_dir, persist=True)
     if summary["failed"]:

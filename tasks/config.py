@@ -151,6 +151,16 @@ class ScoringConfig(_Strict):
         "of the reading and writing threads' own, so they overlap the transform and predict "
         "instead of queuing behind them on the default stream (tasks/gpu_io.py).",
     )
+    gpu_worker_threads: int = Field(
+        default=1,
+        ge=1,
+        description="Dask threads per GPU worker of a cluster that a scoring run starts itself "
+        "(cluster = local); each runs one task's read -> score -> write pipeline, so with 2 one "
+        "task keeps the GPU busy while another starts or drains (twice the device memory in "
+        "flight). The training pipeline's clusters and CPU workers keep "
+        "cluster.threads_per_worker; a running cluster keeps its own (dask-cuda-worker "
+        "--nthreads). docs/benchmarks.md (ninth session) has 1 against 2 on an H100.",
+    )
     batch_rows: int = Field(
         default=0,
         ge=0,

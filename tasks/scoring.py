@@ -54,7 +54,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer
 from tasks.cluster import worker_cached, worker_count, worker_name, worker_threads
-from tasks.config import PipelineConfig
+from tasks.config import ClusterConfig, PipelineConfig
 from tasks.drift import (
     Counts,
     array_module_of,
@@ -624,6 +624,14 @@ def scoring_config(
     if layout.builtin_config.is_file():
         return config_with_overrides(str(layout.builtin_config), overrides)
     return builtin_config(input_path, home_path, **dict(overrides or {}))
+
+
+def scoring_cluster_config(cfg: PipelineConfig, device: str) -> ClusterConfig:
+    """The cluster settings of a scoring run on `device`: GPU workers that the run starts get
+    `scoring.gpu_worker_threads` threads (tasks overlapping on the GPU), the rest is `cluster`."""
+    if device != "gpu":
+        return cfg.cluster
+    return cfg.cluster.model_copy(update={"threads_per_worker": cfg.scoring.gpu_worker_threads})
 
 
 def champion_uri(cfg: PipelineConfig) -> str:

@@ -88,3 +88,29 @@ def test_ignored_etl_partition_rows_still_loads_with_a_warning(tmp_path: Path) -
         warnings.simplefilter("error")
         quiet = load_config(write(tmp_path, GOOD))
     assert "etl_partition_rows" not in config_to_toml(quiet)
+
+
+@pytest.mark.parametrize(
+    ("device", "overrides", "threads"),
+    [
+        ("gpu", {}, 1),
+        ("gpu", {"scoring.gpu_worker_threads": 2}, 2),
+        ("gpu", {"scoring.gpu_worker_threads": 3, "cluster.threads_per_worker": 4}, 3),
+        ("cpu", {"scoring.gpu_worker_threads": 2, "cluster.threads_per_worker": 4}, 4),
+    ],
+)
+def test_scoring_cluster_threads(
+    tmp_path: Path, device: str, overrides: dict[str, int], threads: int
+) -> None:
+    from tasks.scoring import scoring_cluster_config
+
+    cfg = load_config(write(tmp_path, GOOD), {"cluster.n_workers": 2, **overrides})
+    got = scoring_cluster_config(cfg, device)
+    assert got.threads_per_worker == threads
+    assert got.n_workers == 2  # the rest of the cluster settings carry over
+    assert cfg.cluster.threads_per_worker == overrides.get("cluster.threads_per_worker", 1)
+
+
+def test_scoring_gpu_worker_threads_must_be_positive(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="gpu_worker_threads"):
+        load_config(write(tmp_path, GOOD), {"scoring.gpu_worker_threads": 0})
