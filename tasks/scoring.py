@@ -889,6 +889,12 @@ def segment_stats(
     ]
 
 
+def column_is_key(ids: Any) -> bool:
+    """Whether a pandas or cuDF column has no missing value (null, or NaN in a float column) and
+    no value twice."""
+    return not bool(ids.isna().any()) and not bool(ids.duplicated().any())
+
+
 def _only_file(batch: ScoredBatch) -> ScoredChunk:
     (stats,) = batch.files
     return ScoredChunk(batch.table, stats)
@@ -1008,7 +1014,7 @@ class CpuEngine:
         return read_arrow_tables(paths, columns, dictionary).to_pandas()
 
     def is_key(self, ids: Any) -> bool:
-        return not bool(ids.isna().any()) and not bool(ids.duplicated().any())
+        return column_is_key(ids)
 
     def score(self, frame: Any) -> ScoredChunk:
         return _only_file(self.score_batch(frame, [0, len(frame)]))
@@ -1143,7 +1149,7 @@ class GpuEngine:
             from tasks.gpu_io import is_key_on_stream
 
             return is_key_on_stream(ids)
-        return not ids.null_count and not bool(ids.duplicated().any())
+        return column_is_key(ids)
 
     def _read_arrow(self, paths: list[Path], columns: list[str]) -> Any:
         """Parquet decoded on this thread's CPU, string categories kept dictionary-encoded (the

@@ -1058,3 +1058,20 @@ def test_each_footer_is_read_once_when_files_are_read_ahead(
     assert [e.status for e in entries] == ["scored"] * 4
     assert sum(e.rows_scored for e in entries) == len(base_frame)
     assert reads == {f"part-{i}.parquet": 1 for i in range(4)}
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        ([3, 1, 2], True),
+        ([3, 1, 3], False),
+        ([3.0, float("nan"), 2.0], False),  # NaN: missing, as isna says
+        (["a", None, "b"], False),
+        (["a", "b", "a"], False),
+        ([], True),
+    ],
+)
+def test_column_is_key(values: list[Any], expected: bool) -> None:
+    from tasks.scoring import column_is_key
+
+    assert column_is_key(pd.Series(values, dtype=None if values else "int64")) is expected
