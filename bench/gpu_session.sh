@@ -44,6 +44,25 @@ part() {  # part NAME CMD...: run one part, log it, never stop the step
   tail -n 25 "$out/$name.log"
 }
 
+profile_summary() {  # profile_summary PREFIX: rows/s of each $out/PREFIX_*.json (traced runs: GPU
+  # busy and the reading and scoring steps), then all of them in one tar: a device call returns
+  # at most 8 files
+  local prefix=$1
+  $py - "$out"/"$prefix"_*.json <<'SUMMARY'
+import json, sys
+for path in sys.argv[1:]:
+    d = json.load(open(path))
+    line = f"{path.rsplit('/', 1)[-1]}: {d['timed']['rows_per_s'] / 1e6:.1f}M rows/s"
+    if "traced" in d:
+        t = d["traced"]
+        line += f"; traced {t['seconds']:.3f} s, GPU busy {t['gpu']['any_busy_s']:.3f} s; "
+        line += ", ".join(f"{k} {v['seconds']:.3f}" for k, v in t["steps"].items()
+                          if k.split(" / ")[-1] in ("read_many", "is_key", "score_batch"))
+    print(line)
+SUMMARY
+  tar -czf "$out/${prefix}_${rows}.tar.gz" -C "$out" $(cd "$out" && ls "$prefix"_*.json "$prefix"_*.log)
+}
+
 case $step in
   check)
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
@@ -169,17 +188,7 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
           --files "${FILES:-20}" "${flags[@]}" --out "$out/streams_${v}_$run.json"
       done
     done
-    $py - "$out"/streams_*.json <<'SUMMARY'
-import json, sys
-for path in sys.argv[1:]:
-    d = json.load(open(path))
-    line = f"{path.rsplit('/', 1)[-1]}: {d['timed']['rows_per_s'] / 1e6:.1f}M rows/s"
-    if "traced" in d:
-        g = d["traced"]["gpu"]
-        line += f"; traced {d['traced']['seconds']:.3f} s, GPU busy {g['any_busy_s']:.3f} s"
-    print(line)
-SUMMARY
-    tar -czf "$out/streams_${rows}.tar.gz" -C "$out" $(cd "$out" && ls streams_*.json streams_*.log)
+    profile_summary streams
     ;;
   ab_code)  # the worker pipeline, this tree's code vs another's (OLD_TREE: a directory holding
     # that commit's tasks/ and kernels/), alternating, same data and same profiling script
@@ -198,19 +207,7 @@ SUMMARY
           --rows "$rows" --files "${FILES:-20}" "${flags[@]}" --out "$out/ab_${v}_$run.json"
       done
     done
-    $py - "$out"/ab_*.json <<'SUMMARY'
-import json, sys
-for path in sys.argv[1:]:
-    d = json.load(open(path))
-    line = f"{path.rsplit('/', 1)[-1]}: {d['timed']['rows_per_s'] / 1e6:.1f}M rows/s"
-    if "traced" in d:
-        t = d["traced"]
-        line += f"; traced {t['seconds']:.3f} s, GPU busy {t['gpu']['any_busy_s']:.3f} s; "
-        line += ", ".join(f"{k} {v['seconds']:.3f}" for k, v in t["steps"].items()
-                          if "read" in k or "is_key" in k or k.endswith("score_batch"))
-    print(line)
-SUMMARY
-    tar -czf "$out/ab_${rows}.tar.gz" -C "$out" $(cd "$out" && ls ab_*.json ab_*.log)
+    profile_summary ab
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
