@@ -18,6 +18,7 @@
 #   bash bench/gpu_session.sh tree       # tree kernel: GPU tests, then against XGBoost's predictor
 #   bash bench/gpu_session.sh streams    # I/O threads' own CUDA streams vs the default stream (A/B)
 #   OLD_TREE=dir bash bench/gpu_session.sh ab_code  # worker pipeline: this code vs another commit's
+#   AB_A=k=v AB_B=k=v bash bench/gpu_session.sh scoring_ab  # the flow bench, settings in A B B A order
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -216,6 +217,24 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     part "bench_scoring${TAG:-}" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
       --device gpu --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring${TAG:-}.json" \
       ${SCORING_ARGS:-}
+    ;;
+  scoring_ab)  # bench_scoring with two settings in A B B A order on one machine (in the ninth
+    # session the order of two back-to-back runs moved the 200M-row results by about 0.5 s):
+    # AB_A and AB_B are --set arguments, e.g. AB_A=scoring.gpu_worker_threads=1
+    n=0
+    for setting in "${AB_A:?AB_A=KEY=VALUE}" "${AB_B:?AB_B=KEY=VALUE}" "$AB_B" "$AB_A"; do
+      n=$((n + 1))
+      part "bench_scoring_ab$n" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
+        --device gpu --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring_ab$n.json" \
+        --set "$setting"
+    done
+    $py - "$out"/bench_scoring_ab?.json <<'SUMMARY'
+import json, sys
+for path in sys.argv[1:]:
+    d = json.load(open(path))
+    runs = ", ".join(f"{r['name'].strip()} {r['seconds']:.2f} s" for r in d["results"])
+    print(f"{path.rsplit('/', 1)[-1]} {d['params']['set']}: {runs}")
+SUMMARY
     ;;
   multigpu)
     CUDA_VISIBLE_DEVICES=0 part debug_etl $py bench/debug_gpu_etl.py
