@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from prefect.settings import (
     PREFECT_API_URL,
@@ -10,7 +12,7 @@ from prefect.settings import (
     temporary_settings,
 )
 
-from flows.cli import embedded_api_without_heartbeats, heartbeats_reach_a_server
+from flows.cli import HEARTBEAT_ENV, embedded_api_without_heartbeats, heartbeats_reach_a_server
 
 
 @pytest.mark.parametrize(
@@ -54,3 +56,32 @@ def test_users_frequency_is_kept_without_a_server(monkeypatch: pytest.MonkeyPatc
     settings = {PREFECT_API_URL: None, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 45}
     with temporary_settings(updates=settings), embedded_api_without_heartbeats():
         assert get_current_settings().flows.heartbeat_frequency == 45
+
+
+def test_the_gpupipe_command_runs_main() -> None:
+    """The installed `gpupipe` script enters through `main` (telemetry and heartbeat settings),
+    not straight into the typer app."""
+    from importlib.metadata import entry_points
+
+    import flows.cli
+
+    (script,) = entry_points(group="console_scripts", name="gpupipe")
+    assert script.load() is flows.cli.main
+
+
+def test_main_runs_the_app_without_telemetry_or_heartbeats(monkeypatch: pytest.MonkeyPatch):
+    import flows.cli
+
+    for name in (*HEARTBEAT_ENV, "PREFECT_SERVER_ANALYTICS_ENABLED"):
+        monkeypatch.setenv(name, "")  # restored (or removed) after the test, whatever main sets
+        monkeypatch.delenv(name)
+    seen: dict[str, object] = {}
+
+    def recording_app() -> None:  # stands in for the typer app: records what it runs under
+        seen["heartbeats"] = get_current_settings().flows.heartbeat_frequency
+        seen["analytics"] = os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED")
+
+    monkeypatch.setattr(flows.cli, "app", recording_app)
+    with temporary_settings(updates={PREFECT_API_URL: None}):
+        flows.cli.main()
+    assert seen == {"heartbeats": None, "analytics": "false"}
