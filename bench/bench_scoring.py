@@ -347,10 +347,9 @@ def compare_scores(flow_out: Path, naive_out: Path, files: list[Path], n: int = 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from flows.cli import embedded_api_without_heartbeats, quiet_embedded_prefect_server
+    from flows.cli import cli_prefect_settings
 
-    quiet_embedded_prefect_server()  # the flow runs here as `gpupipe score` runs it
-    with embedded_api_without_heartbeats():
+    with cli_prefect_settings():  # the flow runs here as `gpupipe score` runs it
         return run_benchmark(args)
 
 

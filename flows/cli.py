@@ -258,9 +258,17 @@ def embedded_api_without_heartbeats() -> Iterator[None]:
         yield
 
 
-def main() -> None:
+@contextmanager
+def cli_prefect_settings() -> Iterator[None]:
+    """Within: the Prefect settings that `gpupipe` runs its flows under (no usage telemetry from
+    a temporary API, no heartbeats that would reach no server)."""
     quiet_embedded_prefect_server()
     with embedded_api_without_heartbeats():
+        yield
+
+
+def main() -> None:
+    with cli_prefect_settings():
         app()
 
 

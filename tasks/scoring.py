@@ -1673,7 +1673,7 @@ class _ReadAhead:
     """Runs an iterator in a background thread, `depth` items ahead of the consumer; its
     exceptions are re-raised in the consumer."""
 
-    def __init__(self, items: Iterator[Any], depth: int, name: str = "gpupipe-read-ahead") -> None:
+    def __init__(self, items: Iterator[Any], depth: int, name: str) -> None:
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max(1, depth))
         self._stop = threading.Event()
         self._items = items
