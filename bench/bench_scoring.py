@@ -73,6 +73,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="config override for the flow runs, e.g. scoring.gpu_io=arrow (repeatable)",
     )
+    p.add_argument(
+        "--ab-rounds",
+        type=int,
+        default=0,
+        help="A/B mode: no naive loop and no own cluster; on one running cluster with the model "
+        "loaded, ROUNDS x (A B B A) flow runs with the --ab-a / --ab-b overrides",
+    )
+    p.add_argument("--ab-a", default="", help="A's overrides: 'KEY=VALUE KEY=VALUE' (on --set)")
+    p.add_argument("--ab-b", default="", help="B's overrides, as --ab-a")
     args = p.parse_args(argv)
     if args.quick:
         for k, v in QUICK.items():
@@ -287,8 +296,14 @@ def naive_gpu(files: list[Path], bundle_dir: Path, out: Path) -> float:
 
 
 def run_flow(
-    args: argparse.Namespace, config: str, inputs: Path, out: Path, cluster: str
+    args: argparse.Namespace,
+    config: str,
+    inputs: Path,
+    out: Path,
+    cluster: str,
+    extra: list[str] | None = None,
 ) -> tuple[float, dict[str, Any]]:
+    """One flow run, timed; `extra`: KEY=VALUE overrides on top of --set."""
     from flows.batch_scoring import batch_scoring
 
     shutil.rmtree(out, ignore_errors=True)
@@ -301,16 +316,18 @@ def run_flow(
         partition_rows=args.partition_rows,
         device=args.device,
         config_path=config,
-        overrides=flow_overrides(args),
+        overrides=flow_overrides(args, extra),
     )
     return time.perf_counter() - t0, summary
 
 
-def flow_overrides(args: argparse.Namespace) -> dict[str, Any] | None:
-    """--workers and --set KEY=VALUE as the flow's overrides (values parsed as JSON if they can
-    be: numbers and booleans, else strings)."""
+def flow_overrides(
+    args: argparse.Namespace, extra: list[str] | None = None
+) -> dict[str, Any] | None:
+    """--workers, --set KEY=VALUE and then `extra` KEY=VALUE as the flow's overrides (values
+    parsed as JSON if they can be: numbers and booleans, else strings)."""
     out: dict[str, Any] = {"cluster.n_workers": args.workers} if args.workers else {}
-    for item in args.set:
+    for item in [*args.set, *(extra or [])]:
         key, _, value = item.partition("=")
         try:
             out[key] = json.loads(value)
@@ -330,15 +347,19 @@ def warm_prefect() -> None:
     _noop()
 
 
-def compare_scores(flow_out: Path, naive_out: Path, files: list[Path], n: int = 2) -> float:
-    """Largest |flow score - naive score| over the first `n` files (rows in file order)."""
+def compare_scores(
+    flow_out: Path, naive_out: Path, files: list[Path], n: int = 2, other_flow: bool = False
+) -> float:
+    """Largest |flow score - naive score| over the first `n` files (rows in file order);
+    `other_flow`: `naive_out` is another flow run's output instead."""
     import pandas as pd
 
     worst = 0.0
     for f in files[:n]:
         flow_file = next(flow_out.glob(f"{f.stem}-*.parquet"))
+        other = next(naive_out.glob(f"{f.stem}-*.parquet")) if other_flow else naive_out / f.name
         a = pd.read_parquet(flow_file, columns=["score"])["score"].to_numpy(np.float64)
-        b = pd.read_parquet(naive_out / f.name, columns=["score"])["score"].to_numpy(np.float64)
+        b = pd.read_parquet(other, columns=["score"])["score"].to_numpy(np.float64)
         if a.shape != b.shape:
             return math.inf
         worst = max(worst, float(np.max(np.abs(a - b))) if a.size else 0.0)
@@ -379,6 +400,8 @@ def run_benchmark(args: argparse.Namespace) -> int:
     config, bundle = build_champion(args, work)
     warm_prefect()
 
+    if args.ab_rounds:
+        return run_ab(args, config, files)
     results: list[dict[str, Any]] = []
 
     def record(name: str, seconds: float, **extra: Any) -> None:
@@ -488,6 +511,76 @@ def run_benchmark(args: argparse.Namespace) -> int:
         f"best flow measure {report['goal_met_best_flow_measure']}"
     )
     if args.out:
+        args.out.write_text(json.dumps(report, indent=2, default=str))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def run_ab(args: argparse.Namespace, config: str, files: list[Path]) -> int:
+    """Flow runs with settings A and B alternating (A B B A per round) on one running cluster
+    whose workers already hold the model: run order and machine state are spread over both
+    sides, which single runs per setting were not (docs/benchmarks.md, ninth session). Only
+    job-level settings differ between runs; the cluster is made once from the base config."""
+    from tasks.backend import resolve_backend
+    from tasks.cluster import dask_client
+    from tasks.config import load_config
+    from tasks.scoring import scoring_cluster_config
+
+    sides = {"A": args.ab_a.split(), "B": args.ab_b.split()}
+    inputs = files[0].parent
+    cfg = load_config(config, flow_overrides(args))
+    runs: list[dict[str, Any]] = []
+    with dask_client(scoring_cluster_config(cfg, args.device), resolve_backend(args.device)) as c:
+        address = c.scheduler.address
+        reference = args.work.resolve() / "out-ab-reference"
+        secs, _ = run_flow(args, config, inputs, reference, address)  # loads the model
+        print(f"  first run (model load) {secs:.2f}s")
+        for r in range(args.ab_rounds):
+            for side in "ABBA":
+                out = args.work.resolve() / f"out-ab-{side}"
+                secs, summary = run_flow(args, config, inputs, out, address, sides[side])
+                if summary["rows"]["scored"] != args.rows:
+                    raise SystemExit(f"{side} scored {summary['rows']['scored']} of {args.rows}")
+                runs.append(
+                    {
+                        "round": r,
+                        "side": side,
+                        "seconds": secs,
+                        "rows_per_s": args.rows / secs,
+                        "seconds_scoring": summary["seconds_scoring"],
+                        "max_abs_score_diff_vs_first_run": compare_scores(
+                            out, reference, files, other_flow=True
+                        ),
+                    }
+                )
+                print(
+                    f"  round {r} {side}: {secs:.2f}s ({args.rows / secs / 1e6:.1f}M rows/s), "
+                    f"scoring phase {summary['seconds_scoring']:.2f}s"
+                )
+    by_side = {
+        side: {
+            "seconds": [x["seconds"] for x in runs if x["side"] == side],
+            "mean_seconds": float(np.mean([x["seconds"] for x in runs if x["side"] == side])),
+            "mean_scoring_seconds": float(
+                np.mean([x["seconds_scoring"] for x in runs if x["side"] == side])
+            ),
+        }
+        for side in "AB"
+    }
+    for side, v in by_side.items():
+        print(
+            f"{side} {sides[side] or '(defaults)'}: mean {v['mean_seconds']:.2f}s "
+            f"({args.rows / v['mean_seconds'] / 1e6:.1f}M rows/s), "
+            f"scoring phase {v['mean_scoring_seconds']:.2f}s"
+        )
+    if args.out:
+        report = {
+            "device": args.device,
+            "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "sides": {k: v or ["(defaults)"] for k, v in sides.items()},
+            "runs": runs,
+            "by_side": by_side,
+        }
         args.out.write_text(json.dumps(report, indent=2, default=str))
         print(f"wrote {args.out}")
     return 0

@@ -19,6 +19,8 @@
 #   bash bench/gpu_session.sh streams    # I/O threads' own CUDA streams vs the default stream (A/B)
 #   OLD_TREE=dir bash bench/gpu_session.sh ab_code  # worker pipeline: this code vs another commit's
 #   AB_A=k=v AB_B=k=v bash bench/gpu_session.sh scoring_ab  # the flow bench, settings in A B B A order
+#   AB_A='k=v k=v' AB_B=... ROUNDS=n bash bench/gpu_session.sh flow_ab  # job settings, one cluster
+#   bash bench/gpu_session.sh readers    # worker pipeline: batches read 1 vs 2 at once (A/B)
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -209,6 +211,26 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       done
     done
     profile_summary ab
+    ;;
+  readers)  # the worker pipeline with 1 or 2 batches decoded at once, alternating, same data;
+    # then one traced run of each (GPU busy, read_many span per reading thread)
+    part prepare timeout 900 $py bench/profile_gpu_timeline.py --rows "$rows" --files "${FILES:-20}" \
+      --prepare-only
+    for run in 1 2 traced; do
+      for n in 2 1; do
+        flags=()
+        [ $run = traced ] || flags+=(--no-trace)
+        part "readers_${n}_$run" timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
+          --files "${FILES:-20}" --read-threads "$n" "${flags[@]}" --out "$out/readers_${n}_$run.json"
+      done
+    done
+    profile_summary readers
+    ;;
+  flow_ab)  # job-level settings A and B (space-separated KEY=VALUE; empty = defaults), ROUNDS x
+    # A B B A flow runs on one running cluster with the model loaded
+    part flow_ab timeout 590 $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
+      --device gpu --work /tmp/gpupipe-bench-scoring --out "$out/flow_ab.json" \
+      --ab-rounds "${ROUNDS:-2}" --ab-a "${AB_A:-}" --ab-b "${AB_B:-}"
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests

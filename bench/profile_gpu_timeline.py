@@ -176,6 +176,12 @@ def main() -> None:
         action="store_true",
         help="scoring.gpu_streams = false: batches decoded and encoded on the default stream",
     )
+    p.add_argument(
+        "--read-threads",
+        type=int,
+        default=0,
+        help="scoring.batch_read_threads: batches decoded at once (0 = the GPU default)",
+    )
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
 
@@ -205,6 +211,7 @@ def main() -> None:
             partition_rows=rows_per_file,
             batch_rows=args.batch_rows,
             gpu_streams=not args.no_gpu_streams,
+            **({"batch_read_threads": args.read_threads} if args.read_threads else {}),
         )
 
     shutil.rmtree(args.output_root, ignore_errors=True)
@@ -246,6 +253,7 @@ def main() -> None:
         "files": len(files),
         "sync_substeps": args.sync_substeps,
         "gpu_streams": not args.no_gpu_streams,
+        "read_threads": args.read_threads or "default",
         "env": {k: v for k, v in os.environ.items() if k.startswith(("CUDF_", "CUPY_", "KVIKIO"))},
         "output_root": str(args.output_root),
         "timed": {"seconds": wall, "rows_per_s": args.rows / wall, "steps": clock.report(wall)},

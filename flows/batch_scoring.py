@@ -233,6 +233,7 @@ def batch_scoring(
                 gpu_io=cfg.scoring.gpu_io,
                 gpu_streams=cfg.scoring.gpu_streams,
                 batch_rows=cfg.scoring.batch_rows,
+                batch_read_threads=cfg.scoring.batch_read_threads,
             )
             cluster_cfg = scoring.scoring_cluster_config(cfg, dev)
             result = score_partitions_task(

@@ -167,6 +167,11 @@ def worker_count(client: Client) -> int:
     return len(client.scheduler_info().get("workers", {}))
 
 
+def thread_count(client: Client) -> int:
+    """Threads of all the cluster's workers: tasks that can run at once."""
+    return sum(int(n) for n in client.nthreads().values())
+
+
 def worker_threads() -> int:
     """Threads of the dask worker this runs in (so a model uses that many), else all cores."""
     try:

@@ -132,7 +132,12 @@ class PublishConfig(_Strict):
 
 class ScoringConfig(_Strict):
     partition_rows: int = Field(default=2_000_000, ge=1)
-    files_per_task: int = Field(default=0, ge=0, description="0 = choose from the cluster size.")
+    files_per_task: int = Field(
+        default=0,
+        ge=0,
+        description="0 = choose from the cluster: on CPU GROUPS_PER_WORKER tasks per worker, on "
+        "GPU one per worker thread, more only past GPU_TASK_BYTES of input each (tasks/scoring.py).",
+    )
     max_quarantined_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     io_threads: int = Field(
         default=0,
@@ -167,6 +172,14 @@ class ScoringConfig(_Strict):
         description="Whole files read, scored and written together on a worker, up to about "
         "this many rows per batch; 0 = automatic: off (1 file at a time) on CPU, "
         "GPU_BATCH_ROWS (tasks/scoring.py) on GPU.",
+    )
+    batch_read_threads: int = Field(
+        default=0,
+        ge=0,
+        description="Batches a worker reads at once in batch mode, each on a thread (and, on a "
+        "GPU, a CUDA stream) of its own, so one batch's parquet decode overlaps the next's; "
+        "0 = automatic: GPU_BATCH_READ_THREADS (tasks/scoring.py) on GPU, 1 on CPU. Each adds "
+        "a batch of raw columns to the device memory in flight.",
     )
 
 

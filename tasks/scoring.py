@@ -53,7 +53,13 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict
 
 from tasks.bundle import LoadedBundle, OnnxScorer, ScorerKind, XGBoostScorer
-from tasks.cluster import worker_cached, worker_count, worker_name, worker_threads
+from tasks.cluster import (
+    thread_count,
+    worker_cached,
+    worker_count,
+    worker_name,
+    worker_threads,
+)
 from tasks.config import ClusterConfig, PipelineConfig
 from tasks.drift import (
     Counts,
@@ -107,6 +113,16 @@ GPU_IO_THREADS = 4
 # memory (raw columns, features, matrix, predictions): some 4 GB at this size; lower it on GPUs
 # with less than 24 GB (cuDF spills to host memory before it fails).
 GPU_BATCH_ROWS = 16_000_000
+# Batches a GPU worker's pipeline decodes at once, each on its reading thread's own CUDA stream:
+# one batch's parquet decode was the longest chain of a scoring pipeline (0.54 s of 0.91 s,
+# bench/results/2026-12-06_h100_profile_is_key_new_traced_60M.json) while the GPU was busy ~65%.
+GPU_BATCH_READ_THREADS = 2
+# Input bytes per dask task on GPU workers, beyond one task per worker thread: each task fills and
+# drains its own read -> score -> write pipeline (about a batch read plus a batch scored and
+# written: some 0.3-0.4 s on an H100, seven times per 200M-row run with GROUPS_PER_WORKER-style
+# grouping), so GPU tasks are few and large; at ~1.5 GB/s of parquet per H100 this is a few
+# seconds of work, often enough for the progress artifact of a large run.
+GPU_TASK_BYTES = 4 << 30
 OUTPUT_COMPRESSION = "snappy"
 # Parquet dictionary encoding only where it pays: the few-valued columns. Ids are unique and
 # scores nearly so; a dictionary for them is built, overflows, and is abandoned (about 40% of the
@@ -153,6 +169,7 @@ class ScoringJob(_Frozen):
     gpu_io: Literal["cudf", "arrow"] = "cudf"
     gpu_streams: bool = True
     batch_rows: int = 0
+    batch_read_threads: int = 0
 
     @property
     def file_threads(self) -> int:
@@ -169,6 +186,15 @@ class ScoringJob(_Frozen):
         if self.batch_rows:
             return self.batch_rows
         return GPU_BATCH_ROWS if self.device == "gpu" else 0
+
+    @property
+    def batch_readers(self) -> int:
+        """Batches read at once in batch mode: `batch_read_threads`, else GPU_BATCH_READ_THREADS
+        on a GPU (decodes overlap on the device); 1 on a CPU, whose read of a batch already
+        decodes on all of the worker's threads."""
+        if self.batch_read_threads:
+            return self.batch_read_threads
+        return GPU_BATCH_READ_THREADS if self.device == "gpu" else 1
 
     @property
     def files_in_flight(self) -> int:
@@ -282,6 +308,17 @@ def group_count(
     if files_in_flight > 1:  # but never fewer tasks than workers
         groups = min(groups, max(workers, math.ceil(n_parts / (2 * files_in_flight))))
     return groups
+
+
+def gpu_group_count(n_parts: int, input_bytes: int, n_slots: int, files_per_task: int = 0) -> int:
+    """Dask tasks for `n_parts` files of `input_bytes` on GPU workers with `n_slots` threads in
+    all: `files_per_task` each if set, else one per thread, more only when a task would read more
+    than GPU_TASK_BYTES (never more tasks than files)."""
+    if n_parts <= 0:
+        return 0
+    if files_per_task > 0:
+        return math.ceil(n_parts / files_per_task)
+    return min(n_parts, max(1, n_slots, math.ceil(input_bytes / GPU_TASK_BYTES)))
 
 
 def group_partitions(parts: Sequence[InputPartition], n_groups: int) -> list[list[InputPartition]]:
@@ -1629,17 +1666,27 @@ def _read_batch(
             yield _Chunk(member.part, piece, member.rows, True, started)
 
 
-def read_items_batched(
-    engine: Engine, job: ScoringJob, parts: Sequence[InputPartition], roles: ColumnRoles
-) -> Iterator[_Item]:
-    """The items of `parts`, consecutive whole files read together about `job.rows_per_batch`
-    rows at a time.
+@dataclass
+class _Planned:
+    """A batch of consecutive whole files to read as one (`_read_batch`)."""
 
-    A batch holds parquet files of 1 to `partition_rows` rows whose ids declare one type. Files
-    already done, or found bad without reading data, are yielded at once (ahead of the batch
-    being planned); the others (CSV, empty, larger than one chunk) go through `read_partition`
-    after the batch before them is read, so their rows stream in order.
-    """
+    members: list[_Member]
+
+
+@dataclass
+class _Alone:
+    """A file that `read_partition` reads on its own, in order (CSV, empty, larger than a chunk)."""
+
+    part: InputPartition
+
+
+def plan_batches(
+    job: ScoringJob, parts: Sequence[InputPartition], roles: ColumnRoles
+) -> Iterator[_Done | _Bad | _Planned | _Alone]:
+    """What `read_items_batched` does with each of `parts`, from footers and the manifest only:
+    files already done, or found bad without reading data, come at once (ahead of the batch being
+    planned); batches hold parquet files of 1 to `partition_rows` rows whose ids declare one type,
+    about `job.rows_per_batch` rows each; a file read alone comes after the batch before it."""
     batch: list[_Member] = []
     rows = 0
     for part in parts:
@@ -1652,18 +1699,66 @@ def read_items_batched(
             yield member
             continue
         if batch and (member is None or member.id_dtype != batch[0].id_dtype):
-            yield from _read_batch(engine, job, batch, roles)
+            yield _Planned(batch)
             batch, rows = [], 0
         if member is None:
-            yield from read_partition(engine, job, part, roles)
+            yield _Alone(part)
             continue
         batch.append(member)
         rows += member.rows
         if rows >= job.rows_per_batch:
-            yield from _read_batch(engine, job, batch, roles)
+            yield _Planned(batch)
             batch, rows = [], 0
     if batch:
-        yield from _read_batch(engine, job, batch, roles)
+        yield _Planned(batch)
+
+
+def read_items_batched(
+    engine: Engine,
+    job: ScoringJob,
+    parts: Sequence[InputPartition],
+    roles: ColumnRoles,
+    threads: int = 1,
+    owner: str = "",
+) -> Iterator[_Item]:
+    """The items of `parts`, consecutive whole files read together about `job.rows_per_batch`
+    rows at a time (`plan_batches`), up to `threads` batches read at once on a pool of threads
+    named after `owner` (each thread decodes on its own CUDA stream: tasks/gpu_io.py); items come
+    in plan order, and a file read alone waits for the batches before it, so its rows stream in
+    order with at most one batch (or chunk) of memory per reading thread.
+    """
+    planned = plan_batches(job, parts, roles)
+    if threads <= 1:
+        for step in planned:
+            if isinstance(step, _Planned):
+                yield from _read_batch(engine, job, step.members, roles)
+            elif isinstance(step, _Alone):
+                yield from read_partition(engine, job, step.part, roles)
+            else:
+                yield step
+        return
+    pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix=f"gpupipe-read[{owner}]")
+    reading: deque[Future[list[_Item]]] = deque()
+
+    def read_batch(members: list[_Member]) -> list[_Item]:
+        return list(_read_batch(engine, job, members, roles))
+
+    try:
+        for step in planned:
+            if isinstance(step, _Planned):
+                if len(reading) >= threads:
+                    yield from reading.popleft().result()
+                reading.append(pool.submit(read_batch, step.members))
+            elif isinstance(step, _Alone):
+                while reading:
+                    yield from reading.popleft().result()
+                yield from read_partition(engine, job, step.part, roles)
+            else:
+                yield step
+        while reading:
+            yield from reading.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 _END = object()
@@ -1858,14 +1953,15 @@ def score_partitions(
     and written in batches (a file that breaks its batch's scoring is then scored on its own)."""
     roles = scoring_roles(engine.spec)
     threads = job.file_threads
+    # threads are named after the calling thread: two pipelines at once in one process (a dask
+    # worker with several threads) keep apart the CUDA streams that tasks/gpu_io.py gives per
+    # thread name
+    owner = threading.current_thread().name
     if job.rows_per_batch > 0:
-        # batches one after another: a multi-file read is parallel inside the engine
-        items = read_items_batched(engine, job, parts, roles)
+        # a multi-file read is parallel inside the engine; `batch_readers` batches at once
+        items = read_items_batched(engine, job, parts, roles, job.batch_readers, owner)
     else:
         items = read_items_parallel(engine, job, parts, roles, threads)
-    # named after the calling thread: two pipelines at once in one process (a dask worker with
-    # several threads) keep apart the CUDA streams that tasks/gpu_io.py gives per thread name
-    owner = threading.current_thread().name
     reader = _ReadAhead(items, READ_AHEAD, f"gpupipe-read-ahead[{owner}]")
     # one single-thread writer per stripe: a file's chunks and commit stay in order on its stripe
     stripes = [
@@ -1992,9 +2088,12 @@ def run_on_cluster(
     from distributed import as_completed
 
     workers = worker_count(client)
-    groups = group_partitions(
-        todo, group_count(len(todo), workers, files_per_task, job.files_in_flight)
-    )
+    if job.device == "gpu":
+        slots = thread_count(client)
+        n_groups = gpu_group_count(len(todo), sum(p.size for p in todo), slots, files_per_task)
+    else:
+        n_groups = group_count(len(todo), workers, files_per_task, job.files_in_flight)
+    groups = group_partitions(todo, n_groups)
     log.info(
         "scoring %d file(s) in %d dask task(s) on %d worker(s)", len(todo), len(groups), workers
     )

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import os
+import threading
+import time
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,9 @@ from tasks.backend import probe_gpu, resolve_backend
 from tasks.bundle import LoadedBundle, frame_to_raw
 from tasks.io import DataError
 from tasks.scoring import (
+    GPU_BATCH_READ_THREADS,
     GPU_BATCH_ROWS,
+    GPU_TASK_BYTES,
     LAST_RUN_FILE,
     MANIFEST_DIR,
     InputPartition,
@@ -32,6 +36,7 @@ from tasks.scoring import (
     entry_file_name,
     failure_reason,
     files_per_batch,
+    gpu_group_count,
     group_count,
     group_partitions,
     is_current,
@@ -196,6 +201,17 @@ def test_group_count_bounds_tasks_not_files() -> None:
     assert group_count(20, 1, files_in_flight=4) == 3
     assert group_count(10_000, 4, files_in_flight=4) == 32
     assert group_count(5, 2, files_in_flight=4) == 2
+
+
+def test_gpu_tasks_one_per_thread_unless_inputs_are_large() -> None:
+    gib = 1 << 30
+    assert gpu_group_count(0, 0, 2) == 0
+    assert gpu_group_count(200, 3 * gib, 1) == 1  # 200M rows of the bench: one long pipeline
+    assert gpu_group_count(200, 3 * gib, 2) == 2  # a task per worker thread
+    assert gpu_group_count(3, 1000, 8) == 3  # never more tasks than files
+    assert gpu_group_count(100, 10 * GPU_TASK_BYTES, 2) == 10
+    assert gpu_group_count(100, 10 * GPU_TASK_BYTES + 1, 2) == 11
+    assert gpu_group_count(100, gib, 1, files_per_task=30) == 4  # set by the user
 
 
 def test_batch_mode_defaults_and_tasks_of_two_batches(tmp_path: Path) -> None:
@@ -600,6 +616,10 @@ class _Recording:
     def __init__(self, engine: Any) -> None:
         self.engine = engine
         self.calls: list[tuple[str, list[str]]] = []
+        self.read_delay = 0.0
+        self.reading = self.most_reading = 0  # batch reads in progress; the most at once
+        self.read_threads: set[str] = set()
+        self._lock = threading.Lock()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
@@ -614,7 +634,16 @@ class _Recording:
 
     def read_many(self, paths: list[Path], columns: list[str]) -> Any:
         self.calls.append(("read_many", [p.name for p in paths]))
-        return self.engine.read_many(paths, columns)
+        with self._lock:
+            self.reading += 1
+            self.most_reading = max(self.most_reading, self.reading)
+            self.read_threads.add(threading.current_thread().name)
+        try:
+            time.sleep(self.read_delay)  # reads long enough to overlap, where they can
+            return self.engine.read_many(paths, columns)
+        finally:
+            with self._lock:
+                self.reading -= 1
 
     def write_batch(self, table: Any, offsets: Any, paths: list[Path]) -> None:
         self.calls.append(("write_batch", [str(b - a) for a, b in pairwise(offsets)]))
@@ -666,29 +695,62 @@ def assert_same_results(
     assert hidden_files(out) == []
 
 
+def test_batches_are_read_on_a_bounded_pool_of_named_threads(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """`batch_read_threads` batches read at once, never more, on threads named after the
+    pipeline's caller (their CUDA streams on a GPU); one reader reads on the read-ahead thread."""
+    parts = write_parts(base_frame, tmp_path / "in", 6)
+    want = score(make_job(bundle_dir, tmp_path / "one"), parts)
+    for threads in (1, 2, 3):
+        out = tmp_path / f"batched-{threads}"
+        job = make_job(bundle_dir, out, batch_rows=1000, batch_read_threads=threads)
+        assert job.batch_readers == threads
+        engine = _Recording(load_engine(job, threads=1))
+        engine.read_delay = 0.2
+        entries = score_partitions(engine, job, parts)  # type: ignore[arg-type]
+        assert_same_results(entries, out, want, tmp_path / "one")
+        assert engine.most_reading == threads
+        caller = threading.current_thread().name
+        if threads == 1:
+            assert engine.read_threads == {f"gpupipe-read-ahead[{caller}]"}
+        else:
+            assert engine.read_threads == {f"gpupipe-read[{caller}]_{i}" for i in range(threads)}
+
+
+def test_batch_readers_default_to_several_on_gpu_only(tmp_path: Path) -> None:
+    assert make_job(tmp_path, tmp_path).batch_readers == 1
+    assert make_job(tmp_path, tmp_path, device="gpu").batch_readers == GPU_BATCH_READ_THREADS
+    assert make_job(tmp_path, tmp_path, device="gpu", batch_read_threads=1).batch_readers == 1
+
+
+@pytest.mark.parametrize("read_threads", [1, 2])
 @pytest.mark.parametrize(
     ("batch_rows", "files_per_read"), [(1500, [2, 2, 2]), (2500, [3, 3]), (10**9, [6])]
 )
 def test_batches_score_every_row_once_as_file_by_file(
+    read_threads: int,
     batch_rows: int,
     files_per_read: list[int],
     bundle_dir: Path,
     base_frame: pd.DataFrame,
     tmp_path: Path,
 ) -> None:
-    """Batches of 2, 3 and all 6 files of 1,000 rows: one read and one write per batch, and per
-    file the same predictions file and manifest entry as scoring one file at a time."""
+    """Batches of 2, 3 and all 6 files of 1,000 rows, read one or two at once: one read and one
+    write per batch, and per file the same predictions file and manifest entry as scoring one
+    file at a time."""
     parts = write_parts(base_frame, tmp_path / "in", 6)
     want = score(make_job(bundle_dir, tmp_path / "one"), parts)
     out = tmp_path / "batched"
-    entries, engine = score_batched(make_job(bundle_dir, out, batch_rows=batch_rows), parts)
+    job = make_job(bundle_dir, out, batch_rows=batch_rows, batch_read_threads=read_threads)
+    entries, engine = score_batched(job, parts)
     assert_same_results(entries, out, want, tmp_path / "one")
     assert [e.status for e in entries] == ["scored"] * 6
     assert sum(e.rows_scored for e in entries) == len(base_frame)
     names = [Path(p.path).name for p in parts]
-    reads = engine.of("read_many")
-    assert [len(r) for r in reads] == files_per_read
-    assert [name for r in reads for name in r] == names  # each file once, in order
+    reads = sorted(engine.of("read_many"))  # started in order; recorded as threads start them
+    assert sorted(len(r) for r in reads) == sorted(files_per_read)
+    assert [name for r in reads for name in r] == names  # each file once
     assert [len(w) for w in engine.of("write_batch")] == files_per_read
     assert engine.of("read") == [] and engine.of("read_chunks") == []
 
@@ -714,15 +776,17 @@ def write_kinds(frame: pd.DataFrame, directory: Path, kinds: list[str]) -> list[
     return parts
 
 
+@pytest.mark.parametrize("read_threads", [1, 3])
 def test_bad_files_in_a_batch_are_quarantined_as_file_by_file(
-    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+    read_threads: int, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
     """Every kind of bad file among good ones in one batch: exactly the bad files quarantined,
     with the reasons scoring one file at a time gives, and the good files of the batch scored."""
     parts = write_kinds(base_frame, tmp_path / "in", MIXED_KINDS)
     want = score(make_job(bundle_dir, tmp_path / "one"), parts)
     out = tmp_path / "batched"
-    entries, engine = score_batched(make_job(bundle_dir, out, batch_rows=10**9), parts)
+    job = make_job(bundle_dir, out, batch_rows=10**9, batch_read_threads=read_threads)
+    entries, engine = score_batched(job, parts)
     assert_same_results(entries, out, want, tmp_path / "one")
     status = {Path(e.input).name.split("-", 1)[1]: e.status for e in entries}
     bad = {"unreadable", "missing-column", "duplicate-ids", "mistyped-column", "all-null-id"}
@@ -730,7 +794,7 @@ def test_bad_files_in_a_batch_are_quarantined_as_file_by_file(
     assert sum(e.rows_scored for e in entries) == 4 * 750
     # the good files before the float ids of the all-null file were read with the duplicates;
     # the empty file is read on its own (and scored, with an empty output, as before)
-    assert engine.of("read_many") == [
+    assert engine.of("read_many") == [  # the empty file below waits for the batches before it
         ["0-good.parquet", "2-good.parquet", "4-duplicate-ids.parquet", "5-good.parquet"],
         ["7-all-null-id.parquet"],
         ["9-good.parquet"],
@@ -790,7 +854,8 @@ def test_large_and_csv_files_among_batches_stream_in_order(
     parts += write_sized(base_frame.iloc[5500:], tmp_path / "in2", [500])
     want = score(make_job(bundle_dir, tmp_path / "one", partition_rows=1500), parts)
     out = tmp_path / "batched"
-    job = make_job(bundle_dir, out, partition_rows=1500, batch_rows=10**9)
+    # two reading threads: each file read alone still waits for the batch before it
+    job = make_job(bundle_dir, out, partition_rows=1500, batch_rows=10**9, batch_read_threads=2)
     entries, engine = score_batched(job, parts)
     assert_same_results(entries, out, want, tmp_path / "one")
     assert [e.rows_scored for e in entries] == [1000, 1000, 2000, 1000, 500, 500]
