@@ -517,10 +517,13 @@ def run_benchmark(args: argparse.Namespace) -> int:
 
 
 def run_ab(args: argparse.Namespace, config: str, files: list[Path]) -> int:
-    """Flow runs with settings A and B alternating (A B B A per round) on one running cluster
-    whose workers already hold the model: run order and machine state are spread over both
-    sides, which single runs per setting were not (docs/benchmarks.md, ninth session). Only
-    job-level settings differ between runs; the cluster is made once from the base config."""
+    """Flow runs with settings A and B alternating (A B B A per round) on running clusters whose
+    workers already hold the model: run order and machine state are spread over both sides,
+    which single runs per setting were not (docs/benchmarks.md, ninth session). Sides whose
+    cluster settings differ (scoring.gpu_worker_threads, cluster.*) get a cluster each, both
+    running throughout; otherwise they share one."""
+    from contextlib import ExitStack
+
     from tasks.backend import resolve_backend
     from tasks.cluster import dask_client
     from tasks.config import load_config
@@ -528,17 +531,27 @@ def run_ab(args: argparse.Namespace, config: str, files: list[Path]) -> int:
 
     sides = {"A": args.ab_a.split(), "B": args.ab_b.split()}
     inputs = files[0].parent
-    cfg = load_config(config, flow_overrides(args))
+    work = args.work.resolve()
     runs: list[dict[str, Any]] = []
-    with dask_client(scoring_cluster_config(cfg, args.device), resolve_backend(args.device)) as c:
-        address = c.scheduler.address
-        reference = args.work.resolve() / "out-ab-reference"
-        secs, _ = run_flow(args, config, inputs, reference, address)  # loads the model
-        print(f"  first run (model load) {secs:.2f}s")
+    with ExitStack() as stack:
+        addresses: dict[str, str] = {}
+        made: list[tuple[Any, str]] = []  # (cluster settings, scheduler address)
+        for side, extra in sides.items():
+            cfg = load_config(config, flow_overrides(args, extra))
+            cluster_cfg = scoring_cluster_config(cfg, args.device)
+            known = next((a for c, a in made if c == cluster_cfg), None)
+            if known is None:
+                client = stack.enter_context(dask_client(cluster_cfg, resolve_backend(args.device)))
+                known = client.scheduler.address
+                made.append((cluster_cfg, known))
+                # the first run on a cluster loads the model into its workers
+                secs, _ = run_flow(args, config, inputs, work / "out-ab-reference", known, extra)
+                print(f"  {side}: first run on a new cluster (model load) {secs:.2f}s")
+            addresses[side] = known
         for r in range(args.ab_rounds):
             for side in "ABBA":
-                out = args.work.resolve() / f"out-ab-{side}"
-                secs, summary = run_flow(args, config, inputs, out, address, sides[side])
+                out = work / f"out-ab-{side}"
+                secs, summary = run_flow(args, config, inputs, out, addresses[side], sides[side])
                 if summary["rows"]["scored"] != args.rows:
                     raise SystemExit(f"{side} scored {summary['rows']['scored']} of {args.rows}")
                 runs.append(
@@ -548,8 +561,9 @@ def run_ab(args: argparse.Namespace, config: str, files: list[Path]) -> int:
                         "seconds": secs,
                         "rows_per_s": args.rows / secs,
                         "seconds_scoring": summary["seconds_scoring"],
+                        "dask_tasks": summary["dask_tasks"],
                         "max_abs_score_diff_vs_first_run": compare_scores(
-                            out, reference, files, other_flow=True
+                            out, work / "out-ab-reference", files, other_flow=True
                         ),
                     }
                 )
@@ -578,6 +592,7 @@ def run_ab(args: argparse.Namespace, config: str, files: list[Path]) -> int:
             "device": args.device,
             "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "sides": {k: v or ["(defaults)"] for k, v in sides.items()},
+            "clusters": len({a for a in addresses.values()}) if runs else 0,
             "runs": runs,
             "by_side": by_side,
         }

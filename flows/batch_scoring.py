@@ -138,6 +138,7 @@ def summarize_task(
         totals=scoring.RunTotals.from_json(result["totals"]),
         files_total=files_total,
         files_skipped=files_skipped,
+        tasks=int(result.get("tasks", 0)),
         seconds_scoring=float(result.get("seconds_scoring", 0.0)),
         seconds_total=float(result.get("seconds_total", 0.0)),
         histograms=histograms,
@@ -234,6 +235,7 @@ def batch_scoring(
                 gpu_streams=cfg.scoring.gpu_streams,
                 batch_rows=cfg.scoring.batch_rows,
                 batch_read_threads=cfg.scoring.batch_read_threads,
+                output_compression=cfg.scoring.output_compression,
             )
             cluster_cfg = scoring.scoring_cluster_config(cfg, dev)
             result = score_partitions_task(

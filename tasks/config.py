@@ -130,6 +130,10 @@ class PublishConfig(_Strict):
     max_queue_delay_microseconds: int = Field(default=2000, ge=0)
 
 
+# Parquet codecs of the predictions files (pyarrow and libcudf both write each).
+OutputCompression = Literal["snappy", "lz4", "zstd", "none"]
+
+
 class ScoringConfig(_Strict):
     partition_rows: int = Field(default=2_000_000, ge=1)
     files_per_task: int = Field(
@@ -172,6 +176,11 @@ class ScoringConfig(_Strict):
         description="Whole files read, scored and written together on a worker, up to about "
         "this many rows per batch; 0 = automatic: off (1 file at a time) on CPU, "
         "GPU_BATCH_ROWS (tasks/scoring.py) on GPU.",
+    )
+    output_compression: OutputCompression = Field(
+        default="snappy",
+        description="Parquet codec of the predictions files: snappy (read everywhere), lz4 "
+        "(LZ4_RAW: needs a reader from parquet-format 2.9 on), zstd (smallest) or none.",
     )
     batch_read_threads: int = Field(
         default=0,

@@ -45,7 +45,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import accumulate, pairwise
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any, Literal, Protocol
 
 import numpy as np
@@ -60,7 +59,7 @@ from tasks.cluster import (
     worker_name,
     worker_threads,
 )
-from tasks.config import ClusterConfig, PipelineConfig
+from tasks.config import ClusterConfig, OutputCompression, PipelineConfig
 from tasks.drift import (
     Counts,
     array_module_of,
@@ -123,15 +122,24 @@ GPU_BATCH_READ_THREADS = 2
 # grouping), so GPU tasks are few and large; at ~1.5 GB/s of parquet per H100 this is a few
 # seconds of work, often enough for the progress artifact of a large run.
 GPU_TASK_BYTES = 4 << 30
-OUTPUT_COMPRESSION = "snappy"
+# The predictions files' parquet codec unless scoring.output_compression says otherwise.
+OUTPUT_COMPRESSION: OutputCompression = "snappy"
 # Parquet dictionary encoding only where it pays: the few-valued columns. Ids are unique and
 # scores nearly so; a dictionary for them is built, overflows, and is abandoned (about 40% of the
 # CPU writer's time for nothing).
 OUTPUT_DICTIONARY_COLUMNS = [LABEL_COLUMN, MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN]
-# pyarrow's parquet writer options for a predictions file, streamed or written whole.
-ARROW_WRITE_OPTIONS: Mapping[str, Any] = MappingProxyType(
-    {"compression": OUTPUT_COMPRESSION, "use_dictionary": OUTPUT_DICTIONARY_COLUMNS}
-)
+
+
+def arrow_write_options(compression: OutputCompression) -> dict[str, Any]:
+    """pyarrow's parquet writer options for a predictions file, streamed or written whole."""
+    return {"compression": compression, "use_dictionary": OUTPUT_DICTIONARY_COLUMNS}
+
+
+def cudf_compression(compression: OutputCompression) -> str | None:
+    """The codec as `cudf.DataFrame.to_parquet` names it (None: uncompressed)."""
+    return None if compression == "none" else compression.upper()
+
+
 _OUTPUT_NAME = re.compile(r"^.+-[0-9a-f]{16}-.+-v\d+\.parquet$")
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 # Exceptions that mean "this partition's data cannot be scored" (quarantine it) rather than a bug
@@ -170,6 +178,7 @@ class ScoringJob(_Frozen):
     gpu_streams: bool = True
     batch_rows: int = 0
     batch_read_threads: int = 0
+    output_compression: OutputCompression = OUTPUT_COMPRESSION
 
     @property
     def file_threads(self) -> int:
@@ -540,6 +549,7 @@ def run_summary(
     workers: int,
     totals: RunTotals,
     files_total: int,
+    tasks: int = 0,
     files_skipped: int,
     seconds_scoring: float,
     seconds_total: float,
@@ -559,6 +569,7 @@ def run_summary(
         "scorer": scorer,
         "device": device,
         "workers": workers,
+        "dask_tasks": tasks,
         "files": {
             "total": files_total,
             "scored": totals.files_scored,
@@ -880,8 +891,14 @@ class Engine(Protocol):
         are file i), with each file's statistics."""
         ...
 
-    def open_sink(self, tmp_path: Path) -> Sink: ...
-    def write_batch(self, table: Any, offsets: Sequence[int], paths: list[Path]) -> None:
+    def open_sink(self, tmp_path: Path, compression: OutputCompression) -> Sink: ...
+    def write_batch(
+        self,
+        table: Any,
+        offsets: Sequence[int],
+        paths: list[Path],
+        compression: OutputCompression,
+    ) -> None:
         """Rows offsets[i]:offsets[i+1] of a `score_batch` table to paths[i], each a whole file."""
         ...
 
@@ -965,12 +982,15 @@ def read_arrow_tables(paths: Sequence[Path], columns: list[str], dictionary: lis
         ) from exc
 
 
-def write_arrow_segments(table: Any, offsets: Sequence[int], paths: Sequence[Path]) -> None:
+def write_arrow_segments(
+    table: Any, offsets: Sequence[int], paths: Sequence[Path], compression: OutputCompression
+) -> None:
     """Rows offsets[i]:offsets[i + 1] of a pyarrow Table to paths[i], as `ArrowSink` writes."""
     import pyarrow.parquet as pq
 
+    options = arrow_write_options(compression)
     for (a, b), path in zip(pairwise(offsets), paths, strict=True):
-        pq.write_table(table.slice(a, b - a), path, **ARROW_WRITE_OPTIONS)
+        pq.write_table(table.slice(a, b - a), path, **options)
 
 
 def dictionary_columns(spec: TransformSpec) -> list[str]:
@@ -1081,18 +1101,25 @@ class CpuEngine:
             self.model_version,
         )
 
-    def open_sink(self, tmp_path: Path) -> Sink:
-        return ArrowSink(tmp_path)
+    def open_sink(self, tmp_path: Path, compression: OutputCompression) -> Sink:
+        return ArrowSink(tmp_path, compression)
 
-    def write_batch(self, table: Any, offsets: Sequence[int], paths: list[Path]) -> None:
-        write_arrow_segments(table, offsets, paths)
+    def write_batch(
+        self,
+        table: Any,
+        offsets: Sequence[int],
+        paths: list[Path],
+        compression: OutputCompression,
+    ) -> None:
+        write_arrow_segments(table, offsets, paths, compression)
 
 
 class ArrowSink:
     """Streams chunks into one parquet file with pyarrow (one row group per chunk)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, compression: OutputCompression) -> None:
         self.path = path
+        self.compression = compression
         self._writer: Any = None
         self._schema: Any = None
 
@@ -1101,7 +1128,8 @@ class ArrowSink:
 
         if self._writer is None:
             self._schema = table.schema
-            self._writer = pq.ParquetWriter(self.path, table.schema, **ARROW_WRITE_OPTIONS)
+            options = arrow_write_options(self.compression)
+            self._writer = pq.ParquetWriter(self.path, table.schema, **options)
         elif table.schema != self._schema:
             # e.g. an id column read as int64 in one chunk and as float64 (nulls) in another
             table = table.cast(self._schema)
@@ -1280,24 +1308,32 @@ class GpuEngine:
             }
         )
 
-    def open_sink(self, tmp_path: Path) -> Sink:
-        return ArrowSink(tmp_path) if self.io == "arrow" else CudfSink(tmp_path)
-
-    def write_batch(self, table: Any, offsets: Sequence[int], paths: list[Path]) -> None:
+    def open_sink(self, tmp_path: Path, compression: OutputCompression) -> Sink:
         if self.io == "arrow":
-            write_arrow_segments(table, offsets, paths)
+            return ArrowSink(tmp_path, compression)
+        return CudfSink(tmp_path, compression)
+
+    def write_batch(
+        self,
+        table: Any,
+        offsets: Sequence[int],
+        paths: list[Path],
+        compression: OutputCompression,
+    ) -> None:
+        if self.io == "arrow":
+            write_arrow_segments(table, offsets, paths, compression)
             return
         if self._own_streams:
             from tasks.gpu_io import write_parquet_on_stream
 
-            write_parquet_on_stream(table, offsets, paths, OUTPUT_COMPRESSION)
+            write_parquet_on_stream(table, offsets, paths, compression)
             return
         # one call: cuDF encodes every file's pages together on the device
         table.to_parquet(
             [str(p) for p in paths],
             partition_offsets=list(offsets),
             index=False,
-            compression=OUTPUT_COMPRESSION,
+            compression=cudf_compression(compression),
         )
 
 
@@ -1338,8 +1374,9 @@ class CudfSink:
     """Keeps a file's chunks of predictions on the device and writes them once at close (the
     predictions are a few bytes per row, far smaller than the raw chunks)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, compression: OutputCompression) -> None:
         self.path = path
+        self.compression = compression
         self._frames: list[Any] = []
 
     def write(self, table: Any) -> None:
@@ -1350,7 +1387,9 @@ class CudfSink:
 
         frames = self._frames
         frame = frames[0] if len(frames) == 1 else cudf.concat(frames, ignore_index=True)
-        frame.to_parquet(str(self.path), index=False, compression=OUTPUT_COMPRESSION)
+        frame.to_parquet(
+            str(self.path), index=False, compression=cudf_compression(self.compression)
+        )
         self._frames = []
 
     def abort(self) -> None:
@@ -1852,7 +1891,7 @@ class _FileWriter:
         try:
             if self.sink is None:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
-                self.sink = self.engine.open_sink(self.tmp)
+                self.sink = self.engine.open_sink(self.tmp, self.job.output_compression)
             self.sink.write(chunk.table)
         except DATA_ERRORS as exc:
             self.write_error = error_reason(self.part.path, exc)
@@ -1928,7 +1967,8 @@ def commit_batch(
     try:
         try:
             writers[0].out_dir.mkdir(parents=True, exist_ok=True)
-            engine.write_batch(scored.table, offsets, [w.tmp for w in writers])
+            compression = writers[0].job.output_compression
+            engine.write_batch(scored.table, offsets, [w.tmp for w in writers], compression)
         except DATA_ERRORS as exc:
             return [
                 w.quarantine(error_reason(w.part.path, exc), stats.rows)

@@ -100,6 +100,7 @@ def test_every_row_once_with_the_in_process_score(scoring_setup: ScoringSetup, f
     assert summary["files"] == {"total": 4, "scored": 4, "quarantined": 0, "skipped": 0}
     assert summary["accounting_holds"] and not summary["failed"]
     assert summary["workers"] == 2 and summary["rows_per_second"] > 0
+    assert summary["dask_tasks"] == 4  # CPU workers: one file per task here (GROUPS_PER_WORKER)
     assert sum(summary["score_distribution"]["counts"]) == INPUT_ROWS
     spec = LoadedBundle.load(scoring_setup.bundles[0]).spec
     assert set(summary["drift_psi"]) == set(spec.feature_names)

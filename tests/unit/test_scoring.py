@@ -645,9 +645,9 @@ class _Recording:
             with self._lock:
                 self.reading -= 1
 
-    def write_batch(self, table: Any, offsets: Any, paths: list[Path]) -> None:
+    def write_batch(self, table: Any, offsets: Any, paths: list[Path], compression: str) -> None:
         self.calls.append(("write_batch", [str(b - a) for a, b in pairwise(offsets)]))
-        self.engine.write_batch(table, offsets, paths)
+        self.engine.write_batch(table, offsets, paths, compression)
 
     def of(self, kind: str) -> list[list[str]]:
         return [names for k, names in self.calls if k == kind]
@@ -716,6 +716,28 @@ def test_batches_are_read_on_a_bounded_pool_of_named_threads(
             assert engine.read_threads == {f"gpupipe-read-ahead[{caller}]"}
         else:
             assert engine.read_threads == {f"gpupipe-read[{caller}]_{i}" for i in range(threads)}
+
+
+CODEC_NAMES = {"snappy": "SNAPPY", "lz4": "LZ4", "zstd": "ZSTD", "none": "UNCOMPRESSED"}
+
+
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "none"])
+@pytest.mark.parametrize("batch_rows", [0, 10**9])  # a file at a time (streamed); batches
+def test_output_compression_sets_the_codec_not_the_contents(
+    codec: str, batch_rows: int, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 3)
+    want = score(make_job(bundle_dir, tmp_path / "snappy", batch_rows=batch_rows), parts)
+    out = tmp_path / codec
+    job = make_job(bundle_dir, out, batch_rows=batch_rows, output_compression=codec)
+    got = score(job, parts)
+    assert_same_results(got, out, want, tmp_path / "snappy")
+    for entry in got:
+        meta = pq.read_metadata(out / str(entry.output))
+        codecs = {meta.row_group(0).column(i).compression for i in range(meta.num_columns)}
+        assert codecs == {CODEC_NAMES[codec]}
+        before = pq.read_metadata(tmp_path / "snappy" / str(entry.output))
+        assert before.row_group(0).column(0).compression == "SNAPPY"  # the default
 
 
 def test_batch_readers_default_to_several_on_gpu_only(tmp_path: Path) -> None:
@@ -922,7 +944,7 @@ class _FailingWrites:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
-    def write_batch(self, table: Any, offsets: Any, paths: list[Path]) -> None:
+    def write_batch(self, table: Any, offsets: Any, paths: list[Path], compression: str) -> None:
         pq.write_table(table.slice(0, 1), paths[0])  # a partial write, then the failure
         raise self.exc
 
@@ -1038,6 +1060,42 @@ def test_gpu_batches_quarantine_bad_files_as_the_cpu_does(
     np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
     np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
     assert hidden_files(tmp_path / "gpu") == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+@pytest.mark.parametrize(("gpu_io", "gpu_streams"), GPU_IO_SETTINGS)
+@pytest.mark.parametrize("codec", ["lz4", "zstd", "none"])
+def test_gpu_output_compression_sets_the_codec(
+    codec: str,
+    gpu_io: str,
+    gpu_streams: bool,
+    bundle_dir: Path,
+    base_frame: pd.DataFrame,
+    tmp_path: Path,
+) -> None:
+    """Each codec through each GPU writer (batches, and a file streamed in chunks): the codec
+    in every column chunk, the rows and scores of the CPU's snappy files."""
+    parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 2000], row_group_size=500)
+    want = score(make_job(bundle_dir, tmp_path / "cpu", partition_rows=1500), parts)
+    out = tmp_path / "gpu"
+    job = make_job(
+        bundle_dir, out, device="gpu", gpu_io=gpu_io, gpu_streams=gpu_streams,
+        partition_rows=1500, output_compression=codec,
+    )  # fmt: skip
+    got = score(job, parts)
+    assert [e.rows_scored for e in got] == [e.rows_scored for e in want]
+    a, b = outputs(tmp_path / "cpu"), outputs(out)
+    np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    for entry in got:
+        meta = pq.read_metadata(out / str(entry.output))
+        codecs = {
+            meta.row_group(g).column(i).compression
+            for g in range(meta.num_row_groups)
+            for i in range(meta.num_columns)
+        }
+        assert codecs == {CODEC_NAMES[codec]}
 
 
 # ---------------------------------------------------------------- cluster helpers
