@@ -1095,7 +1095,8 @@ def test_gpu_output_compression_sets_the_codec(
             for g in range(meta.num_row_groups)
             for i in range(meta.num_columns)
         }
-        assert codecs == {CODEC_NAMES[codec]}
+        # libcudf stores a chunk uncompressed where the codec would not shrink it
+        assert CODEC_NAMES[codec] in codecs and codecs <= {CODEC_NAMES[codec], "UNCOMPRESSED"}
 
 
 # ---------------------------------------------------------------- cluster helpers
