@@ -168,7 +168,9 @@ class ScoringConfig(_Strict):
         "task keeps the GPU busy while another starts or drains (twice the device memory in "
         "flight). The training pipeline's clusters and CPU workers keep "
         "cluster.threads_per_worker; a running cluster keeps its own (dask-cuda-worker "
-        "--nthreads). docs/benchmarks.md (ninth session) has 1 against 2 on an H100.",
+        "--nthreads). GPU runs get one task per thread (tasks/scoring.py: gpu_group_count). "
+        "docs/benchmarks.md (ninth and tenth sessions) has 1 against 2 on an H100: 2 measured "
+        "no faster.",
     )
     batch_rows: int = Field(
         default=0,
