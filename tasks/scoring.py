@@ -112,9 +112,11 @@ GPU_IO_THREADS = 4
 # memory (raw columns, features, matrix, predictions): some 4 GB at this size; lower it on GPUs
 # with less than 24 GB (cuDF spills to host memory before it fails).
 GPU_BATCH_ROWS = 16_000_000
-# Batches a GPU worker's pipeline decodes at once, each on its reading thread's own CUDA stream:
-# one batch's parquet decode was the longest chain of a scoring pipeline (0.54 s of 0.91 s,
-# bench/results/2026-12-06_h100_profile_is_key_new_traced_60M.json) while the GPU was busy ~65%.
+# Batches a GPU worker's pipeline decodes at once, each on its reading thread's own CUDA stream.
+# With one, the decode was a pipeline's longest chain (0.52 s of 0.90 s at 60M rows); with two,
+# each thread decodes for ~0.2 s and the scoring chain (0.52 s) is the longest, so the pipeline
+# alone measured the same (docs/benchmarks.md, tenth session). Kept for lighter models, whose
+# scoring chain is shorter; it costs one more batch of raw columns in device memory.
 GPU_BATCH_READ_THREADS = 2
 # Input bytes per dask task on GPU workers, beyond one task per worker thread: each task fills and
 # drains its own read -> score -> write pipeline (about a batch read plus a batch scored and
