@@ -323,13 +323,16 @@ def group_count(
 
 def gpu_group_count(n_parts: int, input_bytes: int, n_slots: int, files_per_task: int = 0) -> int:
     """Dask tasks for `n_parts` files of `input_bytes` on GPU workers with `n_slots` threads in
-    all: `files_per_task` each if set, else one per thread, more only when a task would read more
-    than GPU_TASK_BYTES (never more tasks than files)."""
+    all: `files_per_task` each if set, else one per thread, or as many per thread as keep each
+    task under GPU_TASK_BYTES (a whole number per thread, so the last round of tasks keeps every
+    GPU busy; never more tasks than files)."""
     if n_parts <= 0:
         return 0
     if files_per_task > 0:
         return math.ceil(n_parts / files_per_task)
-    return min(n_parts, max(1, n_slots, math.ceil(input_bytes / GPU_TASK_BYTES)))
+    slots = max(1, n_slots)
+    per_slot = max(1, math.ceil(input_bytes / (GPU_TASK_BYTES * slots)))
+    return min(n_parts, slots * per_slot)
 
 
 def group_partitions(parts: Sequence[InputPartition], n_groups: int) -> list[list[InputPartition]]:

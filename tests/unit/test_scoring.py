@@ -210,7 +210,10 @@ def test_gpu_tasks_one_per_thread_unless_inputs_are_large() -> None:
     assert gpu_group_count(200, 3 * gib, 2) == 2  # a task per worker thread
     assert gpu_group_count(3, 1000, 8) == 3  # never more tasks than files
     assert gpu_group_count(100, 10 * GPU_TASK_BYTES, 2) == 10
-    assert gpu_group_count(100, 10 * GPU_TASK_BYTES + 1, 2) == 11
+    # a whole number of tasks per thread: 8 GPUs never wait on one GPU's last task
+    assert gpu_group_count(100, 10 * GPU_TASK_BYTES + 1, 2) == 12
+    assert gpu_group_count(1000, 25 * GPU_TASK_BYTES, 8) == 32
+    assert gpu_group_count(20, 25 * GPU_TASK_BYTES, 8) == 20
     assert gpu_group_count(100, gib, 1, files_per_task=30) == 4  # set by the user
 
 
