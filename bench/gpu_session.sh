@@ -21,6 +21,7 @@
 #   AB_A=k=v AB_B=k=v bash bench/gpu_session.sh scoring_ab  # the flow bench, settings in A B B A order
 #   AB_A='k=v k=v' AB_B=... ROUNDS=n bash bench/gpu_session.sh flow_ab  # job settings, one cluster
 #   bash bench/gpu_session.sh readers    # worker pipeline: batches read 1 vs 2 at once (A/B)
+#   bash bench/gpu_session.sh transform_steps  # where the transform's time goes (host, synced)
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -225,6 +226,18 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       done
     done
     profile_summary readers
+    ;;
+  transform_steps)  # where one pipeline's transform spends its time: host spans of its parts,
+    # then the same with the device synchronised after each part (its GPU work included)
+    part prepare timeout 900 $py bench/profile_gpu_timeline.py --rows "$rows" --files "${FILES:-20}" \
+      --prepare-only
+    part transform_steps timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
+      --files "${FILES:-20}" --transform-steps --out "$out/transform_steps.json"
+    part transform_steps_synced timeout 300 $py bench/profile_gpu_timeline.py --rows "$rows" \
+      --files "${FILES:-20}" --transform-steps --sync-substeps --no-trace \
+      --out "$out/transform_steps_synced.json"
+    grep -h "timed:\|transform\|feature\|fused\|lookup\|entity\|time feat\|predict\|traced:" \
+      "$out"/transform_steps*.log
     ;;
   flow_ab)  # job-level settings A and B (space-separated KEY=VALUE; empty = defaults), ROUNDS x
     # A B B A flow runs on one running cluster with the model loaded

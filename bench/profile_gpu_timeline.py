@@ -177,6 +177,12 @@ def main() -> None:
         help="scoring.gpu_streams = false: batches decoded and encoded on the default stream",
     )
     p.add_argument(
+        "--transform-steps",
+        action="store_true",
+        help="also time the transform's parts: feature columns (time features, entity and key "
+        "lookups, string lookups) and the fused kernel, each on the host unless --sync-substeps",
+    )
+    p.add_argument(
         "--read-threads",
         type=int,
         default=0,
@@ -234,6 +240,25 @@ def main() -> None:
         sub_sync,  # type: ignore[attr-defined]
     )
     scoring.segment_stats = clock.wrap("  statistics", scoring.segment_stats, sub_sync)
+    if args.transform_steps:
+        import tasks.gpu_features as gf
+
+        transform.feature_columns = clock.wrap(
+            "    feature columns", transform.feature_columns, sub_sync
+        )
+        gf.preprocess = clock.wrap("    fused kernel", gf.preprocess, sub_sync)
+        gf.time_feature_columns = clock.wrap(
+            "      time features", gf.time_feature_columns, sub_sync
+        )
+        gf.DeviceTransform._entity_columns = clock.wrap(  # type: ignore[method-assign]
+            "      entity columns", gf.DeviceTransform._entity_columns, sub_sync
+        )
+        gf.KeyIndex._numeric_positions = clock.wrap(  # type: ignore[method-assign]
+            "        numeric key lookup", gf.KeyIndex._numeric_positions, sub_sync
+        )
+        gf.KeyIndex._string_positions = clock.wrap(  # type: ignore[method-assign]
+            "        string key lookup", gf.KeyIndex._string_positions, sub_sync
+        )
     scoring.commit_batch = clock.wrap("commit_batch (write + manifest)", scoring.commit_batch)
 
     def timed_run(tag: str) -> float:
