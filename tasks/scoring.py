@@ -1836,6 +1836,12 @@ class _ReadAhead:
             self._put(_END)
         except BaseException as exc:
             self._put(_Raised(exc))
+        finally:
+            # a generator stopped early runs its cleanup here, on this thread, now (a pool of
+            # reading threads shuts down), not whenever it is garbage-collected
+            close = getattr(self._items, "close", None)
+            if close is not None:
+                close()
 
     def __iter__(self) -> Iterator[Any]:
         while True:

@@ -743,6 +743,39 @@ def test_output_compression_sets_the_codec_not_the_contents(
         assert before.row_group(0).column(0).compression == "SNAPPY"  # the default
 
 
+class _FailingScores:
+    """Delegates to a real engine but fails the second batch's scoring with a bug (not a data
+    error), which ends the pipeline."""
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self.batches = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    def score_batch(self, frame: Any, offsets: Any) -> Any:
+        self.batches += 1
+        if self.batches == 2:
+            raise RuntimeError("a bug in scoring")
+        return self.engine.score_batch(frame, offsets)
+
+
+def test_a_failing_pipeline_stops_its_reading_threads(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    parts = write_parts(base_frame, tmp_path / "in", 6)
+    job = make_job(bundle_dir, tmp_path / "out", batch_rows=1000, batch_read_threads=2)
+    engine = _FailingScores(load_engine(job, threads=1))
+    with pytest.raises(RuntimeError, match="a bug in scoring"):
+        score_partitions(engine, job, parts)  # type: ignore[arg-type]
+    caller = threading.current_thread().name
+    left = [t.name for t in threading.enumerate() if t.name.endswith(f"[{caller}]")]
+    left += [t.name for t in threading.enumerate() if f"[{caller}]_" in t.name]
+    assert left == []  # the read-ahead thread and the pool of readers are gone
+    assert hidden_files(tmp_path / "out") == []
+
+
 def test_batch_readers_default_to_several_on_gpu_only(tmp_path: Path) -> None:
     assert make_job(tmp_path, tmp_path).batch_readers == 1
     assert make_job(tmp_path, tmp_path, device="gpu").batch_readers == GPU_BATCH_READ_THREADS
