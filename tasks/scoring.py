@@ -121,8 +121,9 @@ GPU_BATCH_READ_THREADS = 2
 # Input bytes per dask task on GPU workers, beyond one task per worker thread: each task fills and
 # drains its own read -> score -> write pipeline (about a batch read plus a batch scored and
 # written: some 0.3-0.4 s on an H100, seven times per 200M-row run with GROUPS_PER_WORKER-style
-# grouping), so GPU tasks are few and large; at ~1.5 GB/s of parquet per H100 this is a few
-# seconds of work, often enough for the progress artifact of a large run.
+# grouping), so GPU tasks are few and large (with two batch readers: 4.25 -> 2.97 s for 200M rows
+# on an H100, docs/benchmarks.md, tenth session); at ~1.5 GB/s of parquet per H100 a task is a
+# few seconds of work, often enough for the progress artifact of a large run.
 GPU_TASK_BYTES = 4 << 30
 # The predictions files' parquet codec unless scoring.output_compression says otherwise.
 OUTPUT_COMPRESSION: OutputCompression = "snappy"
