@@ -336,6 +336,19 @@ def gpu_group_count(n_parts: int, input_bytes: int, n_slots: int, files_per_task
     return min(n_parts, slots * per_slot)
 
 
+def task_count(
+    job: ScoringJob,
+    todo: Sequence[InputPartition],
+    n_workers: int,
+    n_threads: int,
+    files_per_task: int = 0,
+) -> int:
+    """Dask tasks for a run: `gpu_group_count` on GPU workers, `group_count` on CPU ones."""
+    if job.device == "gpu":
+        return gpu_group_count(len(todo), sum(p.size for p in todo), n_threads, files_per_task)
+    return group_count(len(todo), n_workers, files_per_task, job.files_in_flight)
+
+
 def group_partitions(parts: Sequence[InputPartition], n_groups: int) -> list[list[InputPartition]]:
     """`min(n_groups, len(parts))` contiguous groups (in input order) of about equal total bytes.
 
@@ -2140,11 +2153,7 @@ def run_on_cluster(
     from distributed import as_completed
 
     workers = worker_count(client)
-    if job.device == "gpu":
-        slots = thread_count(client)
-        n_groups = gpu_group_count(len(todo), sum(p.size for p in todo), slots, files_per_task)
-    else:
-        n_groups = group_count(len(todo), workers, files_per_task, job.files_in_flight)
+    n_groups = task_count(job, todo, workers, thread_count(client), files_per_task)
     groups = group_partitions(todo, n_groups)
     log.info(
         "scoring %d file(s) in %d dask task(s) on %d worker(s)", len(todo), len(groups), workers

@@ -55,6 +55,7 @@ from tasks.scoring import (
     summary_markdown,
     summary_table,
     sweep_outputs,
+    task_count,
     write_entry,
     write_run_summary,
 )
@@ -215,6 +216,17 @@ def test_gpu_tasks_one_per_thread_unless_inputs_are_large() -> None:
     assert gpu_group_count(1000, 25 * GPU_TASK_BYTES, 8) == 32
     assert gpu_group_count(20, 25 * GPU_TASK_BYTES, 8) == 20
     assert gpu_group_count(100, gib, 1, files_per_task=30) == 4  # set by the user
+
+
+def test_task_count_follows_the_device(tmp_path: Path) -> None:
+    parts = [_part(f"/in/{i:03d}.parquet", size=1 << 20) for i in range(200)]
+    cpu, gpu = make_job(tmp_path, tmp_path), make_job(tmp_path, tmp_path, device="gpu")
+    assert task_count(cpu, parts, 2, 2) == group_count(200, 2) == 16
+    assert task_count(gpu, parts, 1, 1) == 1  # 200 MiB: one long pipeline
+    assert task_count(gpu, parts, 2, 4) == 4  # a task per worker thread
+    assert task_count(gpu, parts, 1, 1, files_per_task=29) == 7
+    big = [_part(f"/in/{i:03d}.parquet", size=GPU_TASK_BYTES // 10) for i in range(200)]
+    assert task_count(gpu, big, 2, 2) == 20  # 20 tasks' worth of bytes, 10 per thread
 
 
 def test_batch_mode_defaults_and_tasks_of_two_batches(tmp_path: Path) -> None:
