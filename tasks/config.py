@@ -132,6 +132,8 @@ class PublishConfig(_Strict):
 
 # Parquet codecs of the predictions files (pyarrow and libcudf both write each).
 OutputCompression = Literal["snappy", "lz4", "zstd", "none"]
+# The predictions files' codec unless scoring.output_compression says otherwise.
+OUTPUT_COMPRESSION: OutputCompression = "snappy"
 
 
 class ScoringConfig(_Strict):
@@ -180,7 +182,7 @@ class ScoringConfig(_Strict):
         "GPU_BATCH_ROWS (tasks/scoring.py) on GPU.",
     )
     output_compression: OutputCompression = Field(
-        default="snappy",
+        default=OUTPUT_COMPRESSION,
         description="Parquet codec of the predictions files: snappy (read everywhere), lz4 "
         "(LZ4_RAW: needs a reader from parquet-format 2.9 on), zstd (smallest) or none.",
     )

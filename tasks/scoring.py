@@ -59,7 +59,7 @@ from tasks.cluster import (
     worker_name,
     worker_threads,
 )
-from tasks.config import ClusterConfig, OutputCompression, PipelineConfig
+from tasks.config import OUTPUT_COMPRESSION, ClusterConfig, OutputCompression, PipelineConfig
 from tasks.drift import (
     Counts,
     array_module_of,
@@ -125,8 +125,6 @@ GPU_BATCH_READ_THREADS = 2
 # on an H100, docs/benchmarks.md, tenth session); at ~1.5 GB/s of parquet per H100 a task is a
 # few seconds of work, often enough for the progress artifact of a large run.
 GPU_TASK_BYTES = 4 << 30
-# The predictions files' parquet codec unless scoring.output_compression says otherwise.
-OUTPUT_COMPRESSION: OutputCompression = "snappy"
 # Parquet dictionary encoding only where it pays: the few-valued columns. Ids are unique and
 # scores nearly so; a dictionary for them is built, overflows, and is abandoned (about 40% of the
 # CPU writer's time for nothing).
