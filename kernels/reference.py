@@ -6,6 +6,7 @@ Also the CPU implementation used by gpupipe when no GPU is present.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -105,3 +106,19 @@ def tree_predict_reference(x: npt.ArrayLike, forest: CompleteForest) -> F32:
     margin = acc + np.float32(forest.base_margin)
     with np.errstate(over="ignore"):  # exp(-margin) = inf for margin < -88: probability 0
         return (np.float32(1.0) / (np.float32(1.0) + np.exp(-margin))).astype(np.float32)
+
+
+def string_positions_reference(
+    offsets: npt.ArrayLike, chars: npt.ArrayLike, keys: Sequence[str], n: int, row_base: int = 0
+) -> I32:
+    """Position of each of `n` Arrow-layout strings among `keys`, -1 where none is equal.
+
+    Row i is the UTF-8 bytes chars[offsets[row_base + i]:offsets[row_base + i + 1]]; keys are
+    compared as their UTF-8 bytes (the first equal key wins).
+    """
+    bounds = np.asarray(offsets, np.int64)[row_base : row_base + n + 1]
+    data = np.asarray(chars, np.uint8).tobytes()
+    where: dict[bytes, int] = {}
+    for i, key in enumerate(keys):
+        where.setdefault(key.encode("utf-8"), i)
+    return np.asarray([where.get(data[a:b], -1) for a, b in pairwise(bounds.tolist())], np.int32)

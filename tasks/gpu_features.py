@@ -24,6 +24,8 @@ import numpy.typing as npt
 
 from kernels.fused_preprocess import is_available as fused_kernels_available
 from kernels.reference import fused_preprocess_reference
+from kernels.string_match import fits as string_match_fits
+from kernels.string_match import pack_keys
 from tasks.numpy_features import ENTITY_STATS, kernel_arrays, raw_column_names
 
 _US_PER_HOUR = 3_600_000_000
@@ -129,12 +131,15 @@ def _string_series(keys: Sequence[str], xp: Any) -> Any:
 @dataclass(frozen=True)
 class KeyIndex:
     """Sorted keys for exact-match lookups: numeric keys on the device (with a direct-address
-    table when they are dense integers), string keys on the host."""
+    table when they are dense integers), string keys on the host, and also on the device as the
+    string-match kernel's packed bytes when there are few of them."""
 
     numeric: Any  # NumPy/CuPy array, or None for string keys
     strings: list[str] | None
     direct: Any = None  # int32 positions indexed by key - direct_base, -1 where no key
     direct_base: int = 0
+    packed_strings: Any = None  # (keys, width) uint8 and (keys,) int32 lengths: pack_keys
+    string_lengths: Any = None
 
     @classmethod
     def build(cls, keys_sorted: Any, xp: Any) -> KeyIndex:
@@ -146,7 +151,13 @@ class KeyIndex:
             return cls(xp.asarray(keys), None, xp.asarray(dense[1]), dense[0])
         if keys.size == 0:
             return cls(xp.asarray(np.zeros(0, np.int64)), None)
-        return cls(None, [str(k) for k in keys])
+        strings = [str(k) for k in keys]
+        if xp is np or not string_match_fits(strings):
+            return cls(None, strings)
+        packed, lengths = pack_keys(strings)
+        return cls(
+            None, strings, packed_strings=xp.asarray(packed), string_lengths=xp.asarray(lengths)
+        )
 
     @property
     def size(self) -> int:
@@ -188,6 +199,12 @@ class KeyIndex:
         if is_categorical(series):
             return self._categorical_positions(series, xp)
         text = series if series.dtype.kind == "O" else series.astype(str)
+        if self.packed_strings is not None and is_cudf(text) and fused_kernels_available():
+            pos = self._kernel_positions(text, xp)
+            if pos is not None:
+                if has_nulls(series):
+                    pos = xp.where(column_values(series.notna(), bool, False), pos, -1)
+                return pos.astype(xp.int64)
         keys = self.strings if self.strings is not None else [str(k) for k in to_host(self.numeric)]
         present = column_values(series.notna(), bool, False)
         if is_cudf(series):
@@ -199,6 +216,25 @@ class KeyIndex:
 
             pos = pandas.Index(keys).get_indexer(text)
         return xp.where(present, xp.asarray(pos), -1).astype(xp.int64)
+
+    def _kernel_positions(self, text: Any, xp: Any) -> Any:
+        """The string-match kernel over a cuDF strings column's own buffers (no copy, no host
+        round trip); None when the column is not a plain strings column."""
+        from cudf.core.column import access_columns
+
+        from kernels.string_match import string_positions
+
+        column = text._column
+        # as cuDF's own operations do: the buffers cannot be spilled to host while read
+        with access_columns(column, mode="read", scope="internal"):
+            buffers = strings_column_buffers(column.plc_column)
+            if buffers is None:
+                return None
+            offsets, chars, row_base = buffers
+            pos = string_positions(
+                offsets, chars, self.packed_strings, self.string_lengths, len(text), row_base
+            )
+        return xp.from_dlpack(pos)
 
     def _categorical_positions(self, series: Any, xp: Any) -> Any:
         """A dictionary-encoded column (parquet read with its dictionary): look up the few
@@ -212,6 +248,33 @@ class KeyIndex:
         codes = column_values(series.cat.codes.astype("int64"), np.int64, 0)
         codes = xp.where(present & (codes >= 0), codes, 0)
         return xp.where(present, lookup[codes], -1).astype(xp.int64)
+
+
+def strings_column_buffers(column: Any) -> tuple[Any, Any, int] | None:
+    """(offsets, chars, row_base) of a pylibcudf strings column as CuPy arrays over its own
+    device memory: row i is chars[offsets[row_base + i]:offsets[row_base + i + 1]]. None for
+    any other column, or one with no offsets child (no rows)."""
+    import cupy
+    import pylibcudf as plc
+
+    if column.type().id() != plc.TypeId.STRING or column.num_children() == 0:
+        return None
+    offsets = column.child(0)
+    kinds = {plc.TypeId.INT32: np.int32, plc.TypeId.INT64: np.int64}
+    kind = kinds.get(offsets.type().id())
+    if kind is None or offsets.data() is None:
+        return None
+
+    def device_array(span: Any, dtype: Any, size: int) -> Any:
+        if span is None or size == 0:
+            return cupy.zeros(0, dtype)
+        memory = cupy.cuda.UnownedMemory(span.ptr, span.size, column)
+        return cupy.ndarray((size,), dtype, cupy.cuda.MemoryPointer(memory, 0))
+
+    offsets_array = device_array(offsets.data(), kind, offsets.size())
+    chars = column.data()
+    chars_array = device_array(chars, np.uint8, 0 if chars is None else chars.size)
+    return offsets_array, chars_array, column.offset() + offsets.offset()
 
 
 def is_categorical(series: Any) -> bool:

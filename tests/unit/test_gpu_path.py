@@ -230,3 +230,34 @@ def test_segment_stats_on_the_device_equal_host_counts_per_file(test_seed: int) 
         assert sorted(d.drift_counts) == ["a", "c"]
         for name in d.drift_counts:
             np.testing.assert_array_equal(d.drift_counts[name], h.drift_counts[name])
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_string_keys_are_matched_on_the_device_like_the_oracle(
+    test_seed: int, sliced: bool
+) -> None:
+    """A small vocabulary goes through the string-match kernel on the column's own buffers
+    (a sliced column's too); its positions equal the NumPy oracle's, nulls included."""
+    import cudf
+    import cupy
+
+    from tasks.gpu_features import KeyIndex
+    from tasks.numpy_features import lookup_positions
+
+    vocab = np.array(sorted(["de", "fr", "gb", "us", "online", "", "ünï"]))
+    rng = np.random.default_rng(test_seed)
+    pool = [*vocab.tolist(), "FR", "d", "online ", "x" * 70, None]
+    values = [pool[i] for i in rng.integers(0, len(pool), 5000)]
+    index = KeyIndex.build(vocab, cupy)
+    assert index.packed_strings is not None
+    series = cudf.Series(values, dtype="str")
+    if sliced:
+        series, values = series.iloc[1234:4321], values[1234:4321]
+    got = cupy.asnumpy(index.positions(series, cupy))
+    want = lookup_positions(vocab, np.asarray(values, dtype=object))
+    np.testing.assert_array_equal(got, want)
+    assert (got[[v is None for v in values]] == -1).all()
+    many = KeyIndex.build(np.array(sorted(f"k{i:03d}" for i in range(100))), cupy)
+    assert many.packed_strings is None  # a large vocabulary keeps cuDF's index lookup
+    keys = cudf.Series(["k007", "k100", None, "k099"], dtype="str")
+    assert cupy.asnumpy(many.positions(keys, cupy)).tolist() == [7, -1, -1, 99]
