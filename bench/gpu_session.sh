@@ -22,6 +22,7 @@
 #   AB_A='k=v k=v' AB_B=... ROUNDS=n bash bench/gpu_session.sh flow_ab  # job settings, one cluster
 #   bash bench/gpu_session.sh readers    # worker pipeline: batches read 1 vs 2 at once (A/B)
 #   bash bench/gpu_session.sh transform_steps  # where the transform's time goes (host, synced)
+#   OLD_TREE=dir bash bench/gpu_session.sh transform_kernels  # string lookup and drift kernels
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -238,6 +239,23 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --out "$out/transform_steps_synced.json"
     grep -h "timed:\|transform\|feature\|fused\|lookup\|entity\|time feat\|predict\|traced:" \
       "$out"/transform_steps*.log
+    ;;
+  transform_kernels)  # GPU tests of the transform's kernels and their users, then the string
+    # lookup (kernel vs cuDF's index, same run) and the drift counts (this tree, then OLD_TREE's
+    # bin_counts when set)
+    part transform_kernel_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu \
+      tests/unit/test_string_match_kernel.py tests/unit/test_bin_counts_kernel.py \
+      tests/unit/test_key_index.py tests/unit/test_gpu_path.py tests/unit/test_scoring.py \
+      tests/unit/test_drift.py
+    part bench_transform_kernels $py bench/bench_transform_kernels.py --rows "$rows" \
+      --out "$out/bench_transform_kernels.json"
+    if [ -n "${OLD_TREE:-}" ]; then
+      root=$(cd "$OLD_TREE" && pwd)
+      mkdir -p "$root/bench" && cp bench/bench_transform_kernels.py "$root/bench/"
+      PYTHONPATH="/tmp/site:$root" part bench_transform_kernels_old $py \
+        "$root/bench/bench_transform_kernels.py" --rows "$rows" --only bin_counts \
+        --out "$out/bench_transform_kernels_old.json"
+    fi
     ;;
   flow_ab)  # job-level settings A and B (space-separated KEY=VALUE; empty = defaults), ROUNDS x
     # A B B A flow runs on one running cluster with the model loaded

@@ -3,10 +3,12 @@ of its edges e, the number of rows with x >= edges[j][e], and the number of NaN 
 
 Bin counts follow from these on the host (`tasks.drift`): with searchsorted(side="right") binning
 and NaN in the last bin, bin 0 = n - nan - at_least[0], bin i = at_least[i-1] - at_least[i], and
-the last bin = at_least[-1] + nan. Each program loads a [BLOCK_N rows x K_PAD columns] tile
-(coalesced along rows of a row-major matrix), counts in registers and adds one partial sum per
-(column, edge) with an atomic, so a chunk of drift statistics is one launch, not a searchsorted
-and an atomic-heavy bincount per column. Comparisons are in float64, as NumPy's are.
+the last bin = at_least[-1] + nan. Each program walks ROWS_PER_PROGRAM rows in [SUB_ROWS x
+K_PAD columns] tiles (coalesced along rows of a row-major matrix), compares each value with all
+of its column's edges at once and counts per lane in registers; at its end it reduces the
+counters and adds one partial sum per (column, edge) with an atomic. So a chunk of drift
+statistics is one launch, not a searchsorted and an atomic-heavy bincount per column.
+Comparisons are in float64, as NumPy's are.
 
 With row offsets the same launch counts each segment of rows (each file of a scoring batch) on
 its own: a second grid axis picks the segment, and the host receives every segment's counts in
@@ -31,7 +33,13 @@ tl: Any = None  # bound to triton.language by _build, as in kernels.fused_prepro
 # triton found when first imported, which the interpreter cannot call if that was compiled mode.
 _column_add: Any = None
 
-BLOCK_N = 256
+# Each program counts ROWS_PER_PROGRAM rows of one segment, SUB_ROWS at a time, into per-lane
+# registers ([SUB_ROWS, K_PAD, E_PAD] counters), and reduces and adds them to the output once at
+# its end. The first layout (one [256 x K_PAD] tile per program, a cross-warp reduction and an
+# atomic per edge per tile) took 7.6x the fused preprocess kernel's time over the same matrix
+# (H100, bench/results/2026-12-06_h100_profile_transform_steps*).
+SUB_ROWS = 8
+ROWS_PER_PROGRAM = 2048
 NUM_WARPS = 4
 _KERNELS: dict[str, Any] = {}
 _LOCK = threading.Lock()
@@ -54,31 +62,48 @@ def _at_least_kernel(
     stride_col,
     K_PAD: tl.constexpr,
     MAX_EDGES: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    E_PAD: tl.constexpr,
+    SUB_ROWS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr,
 ):
     pid = tl.program_id(0)
     segment = tl.program_id(1)
     start = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
-    rows = start + (pid * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    first = start + pid.to(tl.int64) * ROWS_PER_PROGRAM
     cols = tl.arange(0, K_PAD)
     col_ok = cols < k
-    mask = (rows < end)[:, None] & col_ok[None, :]
-    x = tl.load(
-        x_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0
-    ).to(tl.float64)
+    slots = tl.arange(0, E_PAD)
+    n_edges = tl.load(n_edges_ptr + cols, mask=col_ok, other=0)
+    # slots past a column's own edges hold +inf; past MAX_EDGES they are never added
+    edges = tl.load(
+        edges_ptr + cols[:, None] * MAX_EDGES + slots[None, :],
+        mask=col_ok[:, None] & (slots < MAX_EDGES)[None, :],
+        other=float("inf"),
+    )
+    at_least = tl.zeros([SUB_ROWS, K_PAD, E_PAD], tl.int32)
+    nan = tl.zeros([SUB_ROWS, K_PAD], tl.int32)
+    # A while loop over this program's sub-tiles, stopping at the segment's end (the
+    # interpreter cannot take a scalar loop bound: see kernels.tree_predict)
+    row0 = first
+    last = tl.minimum(end, first + ROWS_PER_PROGRAM)
+    while row0 < last:
+        rows = row0 + tl.arange(0, SUB_ROWS)
+        mask = (rows < last)[:, None] & col_ok[None, :]
+        x = tl.load(
+            x_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0
+        ).to(tl.float64)
+        nan += ((x != x) & mask).to(tl.int32)
+        hit = (x[:, :, None] >= edges[None, :, :]) & mask[:, :, None]
+        at_least += hit.to(tl.int32)
+        row0 += SUB_ROWS
     width = MAX_EDGES + 1
     out_ptr += segment * k * width
-    n_edges = tl.load(n_edges_ptr + cols, mask=col_ok, other=0)
-    nan = ((x != x) & mask).to(tl.int32)
     nan_rows = tl.reduce(nan, 0, _column_add)
-    tl.atomic_add(out_ptr + cols * width + MAX_EDGES, nan_rows, mask=col_ok)
-    for e in tl.static_range(MAX_EDGES):
-        edge = tl.load(edges_ptr + cols * MAX_EDGES + e, mask=col_ok, other=0.0)
-        at_least = ((x >= edge[None, :]) & mask).to(tl.int32)
-        used = col_ok & (e < n_edges)
-        at_least_rows = tl.reduce(at_least, 0, _column_add)
-        tl.atomic_add(out_ptr + cols * width + e, at_least_rows, mask=used)
+    tl.atomic_add(out_ptr + cols * width + MAX_EDGES, nan_rows, mask=col_ok & (first < end))
+    counted = tl.reduce(at_least, 0, _column_add)
+    used = col_ok[:, None] & (slots[None, :] < n_edges[:, None]) & (first < end)
+    tl.atomic_add(out_ptr + cols[:, None] * width + slots[None, :], counted, mask=used)
 
 
 def _build(interpret: bool) -> Any:
@@ -155,14 +180,19 @@ def at_least_counts(
         bounds_t = torch.as_tensor(bounds, device=device)
         kernel = _build(interpret)
         args = (x, edges_t, n_edges, bounds_t, out, k, int(x.stride(0)), int(x.stride(1)))
-        meta = {"K_PAD": 1 << max(k - 1, 0).bit_length(), "MAX_EDGES": max_edges}
+        meta = {
+            "K_PAD": 1 << max(k - 1, 0).bit_length(),
+            "MAX_EDGES": max_edges,
+            "E_PAD": 1 << max(max_edges - 1, 0).bit_length(),
+        }
         with _LOCK:
             # programs past a shorter segment's end load nothing and add zeros
-            launch = kernel[(triton_cdiv(longest, BLOCK_N), segments)]
+            launch = kernel[(triton_cdiv(longest, ROWS_PER_PROGRAM), segments)]
+            tile = {"SUB_ROWS": SUB_ROWS, "ROWS_PER_PROGRAM": ROWS_PER_PROGRAM}
             if device.type == "cuda":
                 with torch.cuda.device(device):
-                    launch(*args, **meta, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                    launch(*args, **meta, **tile, num_warps=NUM_WARPS)
             else:
-                launch(*args, **meta, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                launch(*args, **meta, **tile, num_warps=NUM_WARPS)
     counts = out.cpu().numpy().astype(np.int64)
     return counts[0] if offsets is None else counts

@@ -72,3 +72,16 @@ def test_segments_must_cover_the_rows_in_order(offsets: list[int]) -> None:
     x, edges = _case(0, 300, 2)
     with pytest.raises(ValueError, match="offsets"):
         at_least_counts(torch.as_tensor(x, device=DEVICE), edges, offsets)
+
+
+def test_segments_longer_than_one_program_are_summed_across_programs(test_seed: int) -> None:
+    """Rows past one program's share (ROWS_PER_PROGRAM) are counted by the next programs, whose
+    partial counts add up; a segment ending inside a program's share stops there."""
+    from kernels.bin_counts import ROWS_PER_PROGRAM
+
+    n = 2 * ROWS_PER_PROGRAM + 77
+    x, edges = _case(test_seed, n, 3)
+    offsets = [0, ROWS_PER_PROGRAM + 5, n]
+    got = at_least_counts(torch.as_tensor(x, device=DEVICE), edges, offsets)
+    for s, (a, b) in enumerate(itertools.pairwise(offsets)):
+        np.testing.assert_array_equal(got[s], at_least_counts_reference(x[a:b], edges))
