@@ -86,15 +86,65 @@ def string_match_report(args: argparse.Namespace, sync: Callable[[], None]) -> d
         equal = bool((general() == kernel()).all())
         general_s = median_seconds(general, args.reps, sync)
         kernel_s = median_seconds(kernel, args.reps, sync)
+        per_1m = 1e3 / (args.rows / 1e6)
         out[f"{size}_keys"] = {
             "kernel_used": index.packed_strings is not None,
             "equal": equal,
-            "get_indexer_ms_per_1m": 1e3 * general_s / (args.rows / 1e6),
-            "kernel_ms_per_1m": 1e3 * kernel_s / (args.rows / 1e6),
+            "get_indexer_ms_per_1m": general_s * per_1m,
+            "kernel_ms_per_1m": kernel_s * per_1m,
             "speedup": general_s / kernel_s,
+            "launch_only_ms_per_1m_by_tile": launch_only_times(index, values, args, sync),
         }
         print(f"string_match {size} keys: {out[f'{size}_keys']}")
     return out
+
+
+STRING_TILES = [(128, 4), (256, 4), (512, 4), (1024, 4), (256, 8), (1024, 8), (64, 2)]
+BIN_COUNT_TILES = [
+    {},
+    {"sub_rows": 4},
+    {"sub_rows": 16},
+    {"col_block": 8},
+    {"col_block": 16},
+    {"col_block": 16, "sub_rows": 16},
+    {"col_block": 8, "sub_rows": 32},
+    {"rows_per_program": 512},
+    {"rows_per_program": 8192},
+    {"num_warps": 8},
+    {"num_warps": 2},
+]
+
+
+def launch_only_times(
+    index: Any, values: Any, args: argparse.Namespace, sync: Callable[[], None]
+) -> dict[str, float]:
+    """The string-match kernel alone on the column's buffers (no null mask, no casts), by tile."""
+    from cudf.core.column import access_columns
+
+    from kernels.string_match import string_positions
+    from tasks.gpu_features import strings_column_buffers
+
+    column = values._column
+    times = {}
+    with access_columns(column, mode="read", scope="internal"):
+        offsets, chars, base = strings_column_buffers(column.plc_column)
+        for block_n, warps in STRING_TILES:
+
+            def launch(block_n: int = block_n, warps: int = warps) -> Any:
+                return string_positions(
+                    offsets,
+                    chars,
+                    index.packed_strings,
+                    index.string_lengths,
+                    len(values),
+                    base,
+                    block_n,
+                    warps,
+                )
+
+            seconds = median_seconds(launch, args.reps, sync)
+            times[f"BLOCK_N={block_n},warps={warps}"] = 1e3 * seconds / (args.rows / 1e6)
+    return times
 
 
 def bin_counts_report(args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, Any]:
@@ -109,6 +159,13 @@ def bin_counts_report(args: argparse.Namespace, sync: Callable[[], None]) -> dic
     edges = [sorted(rng.normal(size=args.edges).tolist()) for _ in range(args.features)]
     offsets = np.linspace(0, args.rows, args.segments + 1).astype(np.int64).tolist()
     seconds = median_seconds(lambda: at_least_counts(matrix, edges, offsets), args.reps, sync)
+    by_tile = {}
+    if not args.only:  # another commit's kernel may take no tile argument
+        for tile in BIN_COUNT_TILES:
+            t = median_seconds(
+                lambda t=tile: at_least_counts(matrix, edges, offsets, t), args.reps, sync
+            )
+            by_tile[json.dumps(tile)] = 1e3 * t / (args.rows / 1e6)
     head = at_least_counts(matrix[: 1 << 20], edges)  # checked against NumPy on 1M rows
     from kernels.reference import at_least_counts_reference
 
@@ -118,6 +175,7 @@ def bin_counts_report(args: argparse.Namespace, sync: Callable[[], None]) -> dic
         "segments": args.segments,
         "ms_per_1m": 1e3 * seconds / (args.rows / 1e6),
         "read_gbs": x.nbytes / seconds / 1e9,
+        "ms_per_1m_by_tile": by_tile,
         "equal_to_reference_1m_rows": bool(
             (head == at_least_counts_reference(x[: 1 << 20], edges)).all()
         ),

@@ -21,7 +21,7 @@ Like `kernels.fused_preprocess`, nothing from torch or triton is imported until 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -40,6 +40,7 @@ _column_add: Any = None
 # (H100, bench/results/2026-12-06_h100_profile_transform_steps*).
 SUB_ROWS = 8
 ROWS_PER_PROGRAM = 2048
+COL_BLOCK = 0  # columns per program (a third grid axis); 0: all of them
 NUM_WARPS = 4
 _KERNELS: dict[str, Any] = {}
 _LOCK = threading.Lock()
@@ -60,7 +61,7 @@ def _at_least_kernel(
     k,
     stride_row,
     stride_col,
-    K_PAD: tl.constexpr,
+    K_BLOCK: tl.constexpr,
     MAX_EDGES: tl.constexpr,
     E_PAD: tl.constexpr,
     SUB_ROWS: tl.constexpr,
@@ -71,7 +72,7 @@ def _at_least_kernel(
     start = tl.load(offsets_ptr + segment)
     end = tl.load(offsets_ptr + segment + 1)
     first = start + pid.to(tl.int64) * ROWS_PER_PROGRAM
-    cols = tl.arange(0, K_PAD)
+    cols = tl.program_id(2) * K_BLOCK + tl.arange(0, K_BLOCK)
     col_ok = cols < k
     slots = tl.arange(0, E_PAD)
     n_edges = tl.load(n_edges_ptr + cols, mask=col_ok, other=0)
@@ -81,8 +82,8 @@ def _at_least_kernel(
         mask=col_ok[:, None] & (slots < MAX_EDGES)[None, :],
         other=float("inf"),
     )
-    at_least = tl.zeros([SUB_ROWS, K_PAD, E_PAD], tl.int32)
-    nan = tl.zeros([SUB_ROWS, K_PAD], tl.int32)
+    at_least = tl.zeros([SUB_ROWS, K_BLOCK, E_PAD], tl.int32)
+    nan = tl.zeros([SUB_ROWS, K_BLOCK], tl.int32)
     # A while loop over this program's sub-tiles, stopping at the segment's end (the
     # interpreter cannot take a scalar loop bound: see kernels.tree_predict)
     row0 = first
@@ -137,7 +138,10 @@ def padded_edges(edges_per_column: Sequence[Sequence[float]]) -> np.ndarray:
 
 
 def at_least_counts(
-    matrix: Any, edges_per_column: Sequence[Sequence[float]], offsets: Sequence[int] | None = None
+    matrix: Any,
+    edges_per_column: Sequence[Sequence[float]],
+    offsets: Sequence[int] | None = None,
+    tile: Mapping[str, int] | None = None,
 ) -> np.ndarray:
     """(k, max edges + 1) int64 on the host: [rows >= each edge..., NaN rows] per column; with
     `offsets`, (segments, k, max edges + 1): the same for each segment of rows
@@ -148,6 +152,8 @@ def at_least_counts(
             TRITON_INTERPRET=1. Rows must number below 2**31 (int32 counters).
         edges_per_column: k ascending edge lists (may be empty).
         offsets: ascending row offsets from 0 to n (None: the whole matrix, unsegmented).
+        tile: for benchmarks, any of sub_rows, rows_per_program, col_block (0: all columns)
+            and num_warps in place of the module's defaults.
     """
     import torch
 
@@ -180,19 +186,34 @@ def at_least_counts(
         bounds_t = torch.as_tensor(bounds, device=device)
         kernel = _build(interpret)
         args = (x, edges_t, n_edges, bounds_t, out, k, int(x.stride(0)), int(x.stride(1)))
+        chosen = {
+            "sub_rows": SUB_ROWS,
+            "rows_per_program": ROWS_PER_PROGRAM,
+            "col_block": COL_BLOCK,
+            "num_warps": NUM_WARPS,
+            **(tile or {}),
+        }
+        k_pad = 1 << max(k - 1, 0).bit_length()
+        k_block = min(chosen["col_block"] or k_pad, k_pad)
         meta = {
-            "K_PAD": 1 << max(k - 1, 0).bit_length(),
+            "K_BLOCK": k_block,
             "MAX_EDGES": max_edges,
             "E_PAD": 1 << max(max_edges - 1, 0).bit_length(),
+            "SUB_ROWS": chosen["sub_rows"],
+            "ROWS_PER_PROGRAM": chosen["rows_per_program"],
         }
+        grid = (
+            triton_cdiv(longest, chosen["rows_per_program"]),
+            segments,
+            triton_cdiv(k, k_block),
+        )
         with _LOCK:
             # programs past a shorter segment's end load nothing and add zeros
-            launch = kernel[(triton_cdiv(longest, ROWS_PER_PROGRAM), segments)]
-            tile = {"SUB_ROWS": SUB_ROWS, "ROWS_PER_PROGRAM": ROWS_PER_PROGRAM}
+            launch = kernel[grid]
             if device.type == "cuda":
                 with torch.cuda.device(device):
-                    launch(*args, **meta, **tile, num_warps=NUM_WARPS)
+                    launch(*args, **meta, num_warps=chosen["num_warps"])
             else:
-                launch(*args, **meta, **tile, num_warps=NUM_WARPS)
+                launch(*args, **meta, num_warps=chosen["num_warps"])
     counts = out.cpu().numpy().astype(np.int64)
     return counts[0] if offsets is None else counts

@@ -128,6 +128,8 @@ def string_positions(
     key_lengths: Any,
     n: int,
     row_base: int = 0,
+    block_n: int = BLOCK_N,
+    num_warps: int = NUM_WARPS,
 ) -> torch.Tensor:
     """Position of each of `n` strings among the keys, -1 where none matches (int32 tensor).
 
@@ -138,6 +140,7 @@ def string_positions(
         chars: uint8 bytes of the column (may be empty when every string is).
         packed_keys, key_lengths: `pack_keys` of the keys, on the same device or the host.
         n: rows to match; row_base: the first row's index into `offsets` (a sliced column).
+        block_n, num_warps: the tile, for benchmarks.
     """
     import torch
 
@@ -168,10 +171,10 @@ def string_positions(
         kernel = _build(interpret)
         args = (offsets_t, chars_t, keys_t, lengths_t, out, n, row_base, n_keys)
         with _LOCK:
-            launch = kernel[(triton_cdiv(n, BLOCK_N),)]
+            launch = kernel[(triton_cdiv(n, block_n),)]
             if device.type == "cuda":
                 with torch.cuda.device(device):
-                    launch(*args, MAX_LEN=width, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                    launch(*args, MAX_LEN=width, BLOCK_N=block_n, num_warps=num_warps)
             else:
-                launch(*args, MAX_LEN=width, BLOCK_N=BLOCK_N, num_warps=NUM_WARPS)
+                launch(*args, MAX_LEN=width, BLOCK_N=block_n, num_warps=num_warps)
     return out

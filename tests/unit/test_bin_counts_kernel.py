@@ -85,3 +85,19 @@ def test_segments_longer_than_one_program_are_summed_across_programs(test_seed: 
     got = at_least_counts(torch.as_tensor(x, device=DEVICE), edges, offsets)
     for s, (a, b) in enumerate(itertools.pairwise(offsets)):
         np.testing.assert_array_equal(got[s], at_least_counts_reference(x[a:b], edges))
+
+
+@pytest.mark.parametrize(
+    "tile",
+    [
+        {"col_block": 8},
+        {"col_block": 16, "sub_rows": 4, "rows_per_program": 64},
+        {"sub_rows": 16, "num_warps": 2},
+    ],
+)
+def test_other_tiles_count_the_same(test_seed: int, tile: dict[str, int]) -> None:
+    """Column blocks (a third grid axis) and other tile sizes, as the benchmark sweeps them."""
+    x, edges = _case(test_seed, 300, 33)
+    got = at_least_counts(torch.as_tensor(x, device=DEVICE), edges, [0, 100, 300], tile)
+    np.testing.assert_array_equal(got[0], at_least_counts_reference(x[:100], edges))
+    np.testing.assert_array_equal(got[1], at_least_counts_reference(x[100:], edges))
