@@ -3,10 +3,10 @@ of its edges e, the number of rows with x >= edges[j][e], and the number of NaN 
 
 Bin counts follow from these on the host (`tasks.drift`): with searchsorted(side="right") binning
 and NaN in the last bin, bin 0 = n - nan - at_least[0], bin i = at_least[i-1] - at_least[i], and
-the last bin = at_least[-1] + nan. Each program walks ROWS_PER_PROGRAM rows in [SUB_ROWS x
-K_PAD columns] tiles (coalesced along rows of a row-major matrix), compares each value with all
-of its column's edges at once and counts per lane in registers; at its end it reduces the
-counters and adds one partial sum per (column, edge) with an atomic. So a chunk of drift
+the last bin = at_least[-1] + nan. Each program walks ROWS_PER_PROGRAM rows of a block of
+columns in [SUB_ROWS x COL_BLOCK] tiles, compares each value with all of its column's edges at
+once and counts per lane in registers; at its end it reduces the counters and adds one partial
+sum per (column, edge) with an atomic. So a chunk of drift
 statistics is one launch, not a searchsorted and an atomic-heavy bincount per column.
 Comparisons are in float64, as NumPy's are.
 
@@ -33,14 +33,16 @@ tl: Any = None  # bound to triton.language by _build, as in kernels.fused_prepro
 # triton found when first imported, which the interpreter cannot call if that was compiled mode.
 _column_add: Any = None
 
-# Each program counts ROWS_PER_PROGRAM rows of one segment, SUB_ROWS at a time, into per-lane
-# registers ([SUB_ROWS, K_PAD, E_PAD] counters), and reduces and adds them to the output once at
-# its end. The first layout (one [256 x K_PAD] tile per program, a cross-warp reduction and an
-# atomic per edge per tile) took 7.6x the fused preprocess kernel's time over the same matrix
-# (H100, bench/results/2026-12-06_h100_profile_transform_steps*).
+# Each program counts ROWS_PER_PROGRAM rows of one segment and COL_BLOCK columns, SUB_ROWS rows
+# at a time, into per-lane registers ([SUB_ROWS, COL_BLOCK, E_PAD] counters), and reduces and
+# adds them to the output once at its end. Measured on an H100 for (16M x 33) float32, 9 edges,
+# 16 segments (bench/bench_transform_kernels.py, bench/results/2026-12-06_h100_bench_transform_
+# kernels_16M_*.json): 0.32 ms per 1M rows with 16-column blocks, against 1.26 ms with all 64
+# padded columns in one program (registers spill) and 1.22 ms for the first layout (one
+# [256 x K_PAD] tile per program, a cross-warp reduction and an atomic per edge per tile).
 SUB_ROWS = 8
 ROWS_PER_PROGRAM = 2048
-COL_BLOCK = 0  # columns per program (a third grid axis); 0: all of them
+COL_BLOCK = 16  # columns per program (a third grid axis); 0: all of them
 NUM_WARPS = 4
 _KERNELS: dict[str, Any] = {}
 _LOCK = threading.Lock()
