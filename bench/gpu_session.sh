@@ -265,6 +265,11 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
     ;;
   tests)
     part gpu_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" -m gpu tests
+    # the Triton kernels' own tests carry no `gpu` marker (CI runs them in the interpreter):
+    # here they run compiled, on the GPU
+    part kernel_tests $py -m pytest -q -p no:cacheprovider "${warn[@]}" \
+      tests/unit/test_kernels.py tests/unit/test_bin_counts_kernel.py \
+      tests/unit/test_string_match_kernel.py tests/unit/test_tree_predict.py
     ;;
   scoring)
     part "bench_scoring${TAG:-}" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \

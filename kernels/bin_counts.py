@@ -26,7 +26,13 @@ from typing import Any
 
 import numpy as np
 
-from kernels.fused_preprocess import _interpret, _to_torch, is_available, triton_cdiv
+from kernels.fused_preprocess import (
+    _interpret,
+    _to_torch,
+    is_available,
+    jit_with_combine,
+    triton_cdiv,
+)
 
 tl: Any = None  # bound to triton.language by _build, as in kernels.fused_preprocess
 # Bound by _build to `_add` jitted for the current mode. triton's own tl.sum is built for the mode
@@ -110,22 +116,14 @@ def _at_least_kernel(
 
 
 def _build(interpret: bool) -> Any:
-    mode = "interpret" if interpret else "compiled"
-    if mode not in _KERNELS:
-        global tl, _column_add
-        import triton
-        import triton.language as language
-
-        tl = language
-        # one compiled kernel for every matrix size: Triton otherwise specialises integer
-        # arguments on divisibility by 16, so a matrix of another row count can compile the
-        # kernel again. stride_col stays specialised: it is 1 for a row-major matrix, which
-        # keeps the loads coalesced
-        _KERNELS[mode] = (
-            triton.jit(_add),
-            triton.jit(_at_least_kernel, do_not_specialize=["k", "stride_row"]),
-        )
-    _column_add, kernel = _KERNELS[mode]
+    global tl, _column_add
+    # one compiled kernel for every matrix size: Triton otherwise specialises integer arguments
+    # on divisibility by 16, so a matrix of another row count can compile the kernel again.
+    # stride_col stays specialised: it is 1 for a row-major matrix, which keeps the loads
+    # coalesced
+    tl, _column_add, kernel = jit_with_combine(
+        _KERNELS, interpret, _add, _at_least_kernel, ["k", "stride_row"]
+    )
     return kernel
 
 

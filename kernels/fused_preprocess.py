@@ -370,3 +370,28 @@ _LAUNCH_LOCK = threading.Lock()
 def triton_cdiv(a: int, b: int) -> int:
     """Ceiling division (triton.cdiv without importing triton)."""
     return -(-a // b)
+
+
+def jit_with_combine(
+    cache: dict[str, Any],
+    interpret: bool,
+    combine: Any,
+    kernel: Any,
+    do_not_specialize: list[str],
+) -> tuple[Any, Any, Any]:
+    """(triton.language, jitted `combine`, jitted `kernel`) for the current mode, made once per
+    mode into `cache`. For kernels that reduce with their own combine function: triton's own
+    reductions are built for the mode triton found when first imported, which the interpreter
+    cannot call if that was compiled mode. The caller binds its module's `tl` and combine names
+    to the first two before launching."""
+    import triton
+    import triton.language as language
+
+    mode = "interpret" if interpret else "compiled"
+    if mode not in cache:
+        cache[mode] = (
+            triton.jit(combine),
+            triton.jit(kernel, do_not_specialize=do_not_specialize),
+        )
+    jitted_combine, jitted_kernel = cache[mode]
+    return language, jitted_combine, jitted_kernel

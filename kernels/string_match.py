@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from kernels.fused_preprocess import _interpret, _to_torch, is_available, triton_cdiv
+from kernels.fused_preprocess import (
+    _interpret,
+    _to_torch,
+    is_available,
+    jit_with_combine,
+    triton_cdiv,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -87,20 +93,12 @@ def _string_positions_kernel(
 
 
 def _build(interpret: bool) -> Any:
-    mode = "interpret" if interpret else "compiled"
-    if mode not in _KERNELS:
-        global tl, _row_or
-        import triton
-        import triton.language as language
-
-        tl = language
-        # one compiled kernel per key width: the row count, the slice's start and the number of
-        # keys change from call to call and would otherwise be specialised on
-        _KERNELS[mode] = (
-            triton.jit(_bit_or),
-            triton.jit(_string_positions_kernel, do_not_specialize=["n", "row_base", "n_keys"]),
-        )
-    _row_or, kernel = _KERNELS[mode]
+    global tl, _row_or
+    # one compiled kernel per key width: the row count, the slice's start and the number of keys
+    # change from call to call and would otherwise be specialised on
+    tl, _row_or, kernel = jit_with_combine(
+        _KERNELS, interpret, _bit_or, _string_positions_kernel, ["n", "row_base", "n_keys"]
+    )
     return kernel
 
 
