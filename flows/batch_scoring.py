@@ -79,8 +79,10 @@ def score_partitions_task(
     cluster: str,
     cluster_cfg: ClusterConfig,
     files_per_task: int,
+    progress_interval_s: float = 1.0,
 ) -> dict[str, Any]:
-    """Drive all dask futures from this one task, updating a progress artifact as groups finish."""
+    """Drive all dask futures from this one task, updating a progress artifact as groups finish
+    (at most once per `progress_interval_s`, and at the end)."""
     log = get_run_logger()
     started = time.perf_counter()
     artifact = cast(
@@ -90,6 +92,7 @@ def score_partitions_task(
         ),
     )
     last_logged = [-1]
+    throttle = scoring.ProgressThrottle(progress_interval_s)
 
     def progress(totals: scoring.RunTotals, done: int, total: int) -> None:
         pct = 100.0 * done / max(total, 1)
@@ -97,7 +100,8 @@ def score_partitions_task(
             f"{done} of {total} file(s): {totals.rows_scored:,} rows scored, "
             f"{totals.rows_quarantined:,} quarantined"
         )
-        update_progress_artifact(artifact, pct, description=note)
+        if throttle.due(done, total, time.monotonic()):
+            update_progress_artifact(artifact, pct, description=note)
         if int(pct // 10) > last_logged[0]:
             last_logged[0] = int(pct // 10)
             log.info(note)
@@ -239,7 +243,12 @@ def batch_scoring(
             )
             cluster_cfg = scoring.scoring_cluster_config(cfg, dev)
             result = score_partitions_task(
-                job, todo, cluster, cluster_cfg, cfg.scoring.files_per_task
+                job,
+                todo,
+                cluster,
+                cluster_cfg,
+                cfg.scoring.files_per_task,
+                cfg.scoring.progress_interval_s,
             )
         summary = summarize_task(base, result, len(parts), skipped, bundle_dir, persist=True)
     if summary["failed"]:

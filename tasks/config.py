@@ -145,6 +145,12 @@ class ScoringConfig(_Strict):
         "GPU one per worker thread, more only past GPU_TASK_BYTES of input each (tasks/scoring.py).",
     )
     max_quarantined_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    progress_interval_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="Least seconds between two updates of a run's progress artifact (the "
+        "first and the last are always published); 0 = after every dask task.",
+    )
     io_threads: int = Field(
         default=0,
         ge=0,

@@ -2128,6 +2128,26 @@ ProgressCallback = Callable[[RunTotals, int, int], None]
 
 
 @dataclass
+class ProgressThrottle:
+    """When a run's progress is worth publishing: the first and the last update, and between
+    them at most one per `interval_s` (0: every one).
+
+    Publishing a Prefect artifact update is an API round trip (about 30 ms against the embedded
+    server) made on the thread that collects finished dask tasks, so a run of many small tasks
+    spent its time publishing (docs/benchmarks.md, eleventh session).
+    """
+
+    interval_s: float
+    last_s: float | None = None
+
+    def due(self, done: int, total: int, now_s: float) -> bool:
+        if done < total and self.last_s is not None and now_s - self.last_s < self.interval_s:
+            return False
+        self.last_s = now_s
+        return True
+
+
+@dataclass
 class ClusterRun:
     totals: RunTotals
     workers: int
