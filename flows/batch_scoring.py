@@ -79,7 +79,7 @@ def score_partitions_task(
     cluster: str,
     cluster_cfg: ClusterConfig,
     files_per_task: int,
-    progress_interval_s: float = 1.0,
+    progress_interval_s: float,
 ) -> dict[str, Any]:
     """Drive all dask futures from this one task, updating a progress artifact as groups finish
     (at most once per `progress_interval_s`, and at the end)."""

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+from pydantic import ValidationError
+
+from tasks.config import ScoringConfig
 from tasks.scoring import ProgressThrottle
 
 
@@ -19,11 +23,6 @@ def test_interval_zero_publishes_every_update() -> None:
 
 
 def test_a_config_value_below_zero_is_refused() -> None:
-    import pytest
-    from pydantic import ValidationError
-
-    from tasks.config import ScoringConfig
-
     assert ScoringConfig().progress_interval_s == 1.0
     with pytest.raises(ValidationError, match="progress_interval_s"):
         ScoringConfig(progress_interval_s=-1)
