@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -29,6 +28,8 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# run as a script, this file's directory is first on sys.path: the same timing as the tree kernel's
+from bench_tree_predict import median_seconds
 
 VOCABULARIES = {
     4: ["atm", "mobile", "pos", "web"],
@@ -47,18 +48,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--only", choices=["string_match", "bin_counts"])
     p.add_argument("--out", type=Path)
     return p.parse_args(argv)
-
-
-def median_seconds(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -> float:
-    fn()
-    sync()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def string_match_report(args: argparse.Namespace, sync: Callable[[], None]) -> dict[str, Any]:

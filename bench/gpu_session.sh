@@ -251,7 +251,7 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --out "$out/bench_transform_kernels.json"
     if [ -n "${OLD_TREE:-}" ]; then
       root=$(cd "$OLD_TREE" && pwd)
-      mkdir -p "$root/bench" && cp bench/bench_transform_kernels.py "$root/bench/"
+      mkdir -p "$root/bench" && cp bench/bench_transform_kernels.py bench/bench_tree_predict.py "$root/bench/"
       PYTHONPATH="/tmp/site:$root" part bench_transform_kernels_old $py \
         "$root/bench/bench_transform_kernels.py" --rows "$rows" --only bin_counts \
         --out "$out/bench_transform_kernels_old.json"
