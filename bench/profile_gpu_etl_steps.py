@@ -1,0 +1,153 @@
+"""Where the in-memory GPU ETL's time goes, step by step: each step of `tasks.etl` is timed
+between two device synchronisations, nested steps under their caller ("fit_entity/_flat").
+
+The stage clock of `run_etl` measures without synchronising, so device work launched in one
+stage can be paid in the next; this profiler pays it where it was launched. The synchronisations
+remove some overlap, so its steps add up to a little more than an unprofiled run: both are
+reported, from the same process and files.
+
+    python bench/profile_gpu_etl_steps.py --rows 20000000 --runs 2 --out /tmp/etl_steps.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import shutil
+import sys
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+# tasks.etl functions timed when called from the main thread (module globals, so _run_etl's own
+# calls go through the wrappers)
+STEPS = (
+    "read_raw_frame",
+    "time_cuts",
+    "assign_split",
+    "fit_entity",
+    "_flat",
+    "out_of_fold_rates",
+    "fit_categorical",
+    "derived_partition",
+    "hash_sample",
+    "compute",
+    "computed",
+    "fit_numeric",
+    "matrix_partition",
+    "_frame_matrix",
+    "histograms",
+    "save_transform",
+    "write_parquet_dir",
+    "raw_dtypes",
+)
+
+
+class StepTimer:
+    """Inclusive seconds per call path, device synchronised at each step's start and end."""
+
+    def __init__(self, sync: Callable[[], None]) -> None:
+        self.sync = sync
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
+        self._stack: list[str] = []
+
+    def wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if threading.current_thread() is not threading.main_thread():
+                return fn(*args, **kwargs)
+            path = "/".join([*self._stack, name])
+            self._stack.append(name)
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.sync()
+                self.seconds[path] += time.perf_counter() - start
+                self.calls[path] += 1
+                self._stack.pop()
+
+        return timed
+
+
+@contextmanager
+def steps_timed(timer: StepTimer) -> Iterator[None]:
+    import tasks.etl as etl
+
+    originals = {name: getattr(etl, name) for name in STEPS if hasattr(etl, name)}
+    for name, fn in originals.items():
+        setattr(etl, name, timer.wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(etl, name, fn)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=20_000_000)
+    p.add_argument("--warmup-rows", type=int, default=3_000_000)
+    p.add_argument("--runs", type=int, default=2, help="profiled runs after the plain ones")
+    p.add_argument("--plain-runs", type=int, default=2)
+    p.add_argument("--device", default="gpu")
+    p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+
+    from tasks.backend import resolve_backend
+    from tasks.config import builtin_config
+    from tasks.etl import run_etl
+    from tasks.generate import generate_transactions
+
+    backend = resolve_backend(args.device)
+    if backend.device == "gpu":
+        import cupy
+
+        sync: Callable[[], None] = cupy.cuda.runtime.deviceSynchronize
+    else:
+
+        def sync() -> None:
+            return None
+
+    report: dict[str, Any] = {"rows": args.rows, "device": backend.device, "runs": []}
+    plan = [("warmup", args.warmup_rows, False)]
+    plan += [(f"plain_{i + 1}", args.rows, False) for i in range(args.plain_runs)]
+    plan += [(f"steps_{i + 1}", args.rows, True) for i in range(args.runs)]
+    for label, rows, profiled in plan:
+        data = args.work / f"data-{rows}"
+        generate_transactions(rows, data, seed=0, rows_per_file=min(rows, 1_000_000))
+        home = args.work / f"profile-etl-steps-{label}"
+        shutil.rmtree(home, ignore_errors=True)
+        cfg = builtin_config(data, home)
+        timer = StepTimer(sync)
+        start = time.perf_counter()
+        with steps_timed(timer) if profiled else contextlib.nullcontext():
+            out = run_etl(cfg, backend, home / "etl")
+        seconds = time.perf_counter() - start
+        stages = json.loads((out.root / "etl.json").read_text())["stage_seconds"]
+        run = {"label": label, "rows": rows, "seconds": round(seconds, 4), "stages": stages}
+        if profiled:
+            run["steps"] = {k: round(v, 4) for k, v in sorted(timer.seconds.items())}
+            run["calls"] = dict(sorted(timer.calls.items()))
+        report["runs"].append(run)
+        print(f"{label}: {rows:,} rows in {seconds:.2f} s; stages {stages}", flush=True)
+        for path, secs in sorted(timer.seconds.items()):
+            print(f"  {path:60} {secs:8.4f} s  x{timer.calls[path]}", flush=True)
+        shutil.rmtree(home, ignore_errors=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
