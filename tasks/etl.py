@@ -26,8 +26,9 @@ import pandas as pd
 
 from kernels.reference import fused_preprocess_reference
 from tasks.backend import Backend, free_device_bytes, visible_gpus
+from tasks.column_stats import FILL, HI, LO, MEAN, STD, column_quantiles, imputation_statistics
 from tasks.config import PipelineConfig
-from tasks.drift import array_module_of, matrix_bin_counts
+from tasks.drift import matrix_bin_counts
 from tasks.frames import (
     compute,
     computed,
@@ -529,31 +530,25 @@ def fit_numeric(
 ) -> list[NumericFeature]:
     """Imputation (median), clip bounds (quantiles) and scaling (mean/std after impute+clip).
 
-    `sample` is a pandas or cuDF frame; on cuDF the statistics are computed on the GPU.
+    `sample` is a pandas or cuDF frame; on cuDF the statistics are computed on the GPU, all
+    columns together (`column_stats.imputation_statistics`).
     """
+    if not names:
+        return []
     xp = array_module(sample)
-    feats = []
-    for name in names:
-        x = column_values(sample[name], np.float64, np.nan)
-        finite = x[xp.isfinite(x)]
-        if finite.size == 0:
-            fill, lo, hi = 0.0, 0.0, 0.0
-        else:
-            fill = float(xp.median(finite))
-            lo, hi = (float(v) for v in xp.quantile(finite, xp.asarray(clip_q)))
-        filled = xp.clip(xp.where(xp.isnan(x), fill, x), lo, hi)
-        std = float(filled.std()) if filled.size else 0.0
-        feats.append(
-            NumericFeature(
-                name=name,
-                fill=fill,
-                lo=lo,
-                hi=hi,
-                mean=float(filled.mean()) if filled.size else 0.0,
-                std=std if std > 1e-12 else 1.0,
-            )
+    rows = xp.stack([column_values(sample[name], np.float64, np.nan) for name in names])
+    stats = imputation_statistics(rows, clip_q)
+    return [
+        NumericFeature(
+            name=name,
+            fill=float(s[FILL]),
+            lo=float(s[LO]),
+            hi=float(s[HI]),
+            mean=float(s[MEAN]),
+            std=float(s[STD]) if s[STD] > 1e-12 else 1.0,
         )
-    return feats
+        for name, s in zip(names, stats, strict=True)
+    ]
 
 
 def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histogram]:
@@ -563,15 +558,10 @@ def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histog
     binning that scoring counts with (`drift.matrix_bin_counts`), so training fractions and
     scoring counts can never disagree about which bin a value falls in.
     """
-    xp = array_module_of(matrix)
     n = int(matrix.shape[0])
-    probs = xp.asarray(np.linspace(0, 1, bins + 1)[1:-1])
-    edges = [
-        [float(e) for e in to_host(xp.unique(xp.quantile(matrix[:, j].astype(xp.float64), probs)))]
-        if n
-        else []
-        for j in range(len(names))
-    ]
+    probs = [float(p) for p in np.linspace(0, 1, bins + 1)[1:-1]]
+    quantiles = column_quantiles(matrix, probs) if n else np.empty((len(names), 0))
+    edges = [[float(e) for e in np.unique(q)] for q in quantiles]
     counts = matrix_bin_counts(matrix, edges)
     return {
         name: Histogram(edges=e, fractions=[float(c) / max(n, 1) for c in cnt])
@@ -686,10 +676,11 @@ def _run_etl(
         id_col=d.id,
     )
     raw = persisted(raw)
-    # The raw test split is final once rows are assigned: its parquet is written on a thread
-    # while the statistics are fitted (host I/O beside device work), and waited for before the
-    # output is complete. A failure either side waits for the other, then raises.
-    background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupipe-etl-raw-test")
+    # Host I/O beside device work: the raw test split (final once rows are assigned) is written
+    # on a thread while the statistics are fitted, and the transform files while the features
+    # are computed and written. Both are waited for before the output is complete; a failure
+    # either side waits for the other, then raises.
+    background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpupipe-etl-io")
     try:
         raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
         raw_test_written = background.submit(write_parquet_dir, raw_test, root / "raw_test")
@@ -758,7 +749,7 @@ def _run_etl(
             update={"histograms": histograms(sample_matrix, names, fcfg.histogram_bins)}
         )
         spec = TransformSpec.model_validate(spec.model_dump())
-        save_transform(spec, lookups, root / "transform")
+        transform_saved = background.submit(save_transform, spec, lookups, root / "transform")
 
         clock("writing feature parquet")
         matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
@@ -768,6 +759,7 @@ def _run_etl(
         counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
         rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
         raw_test_written.result()
+        transform_saved.result()
     finally:
         background.shutdown(wait=True)
     out = EtlOutput(root, fingerprint, backend.device, rows)

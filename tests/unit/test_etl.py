@@ -292,3 +292,20 @@ def test_a_failed_write_on_either_thread_fails_the_etl_and_leaves_no_output(
     done = run_etl(builtin_config(raw_dataset, tmp_path / "home"), CPU, out_root)  # a retry works
     assert sum(done.rows.values()) == len(pd.read_parquet(raw_dataset))
     assert len(pd.read_parquet(done.raw_test_dir)) == done.rows["test"]
+
+
+def test_a_failed_transform_save_on_its_thread_fails_the_etl(
+    raw_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transform files are saved on a background thread while the features are written: a
+    save that fails there fails the ETL, and no output is published."""
+    import tasks.etl
+
+    def save_failing(*args: object, **kwargs: object) -> None:
+        raise OSError("no space left on device (injected for the transform)")
+
+    monkeypatch.setattr(tasks.etl, "save_transform", save_failing)
+    out_root = tmp_path / "etl"
+    with pytest.raises(OSError, match="injected for the transform"):
+        run_etl(builtin_config(raw_dataset, tmp_path / "home"), CPU, out_root)
+    assert not list(out_root.glob("*/etl.json"))
