@@ -23,6 +23,7 @@
 #   bash bench/gpu_session.sh readers    # worker pipeline: batches read 1 vs 2 at once (A/B)
 #   bash bench/gpu_session.sh transform_steps  # where the transform's time goes (host, synced)
 #   OLD_TREE=dir bash bench/gpu_session.sh transform_kernels  # string lookup and drift kernels
+#   OLD_TREE=dir bash bench/gpu_session.sh etl_ab  # GPU ETL: this code vs another's, steps, cProfile
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -194,6 +195,27 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       done
     done
     profile_summary streams
+    ;;
+  etl_ab)  # the in-memory GPU ETL, this tree's code vs another's (OLD_TREE), in alternating
+    # processes on the same files; then this tree's steps timed between device synchronisations
+    # and a cProfile with CUDA_LAUNCH_BLOCKING=1 (each kernel paid by the call that launched it)
+    old_tree=$(cd "${OLD_TREE:?set OLD_TREE to a directory with the other tasks/ and kernels/}" && pwd)
+    mkdir -p "$old_tree/bench" && cp bench/profile_gpu_etl_steps.py "$old_tree/bench/"
+    part etl_data $py -c "from pathlib import Path; from tasks.generate import generate_transactions as g
+g($rows, Path('/tmp/gpupipe-bench/data-$rows'), seed=0); g(${WARMUP_ROWS:-3000000}, Path('/tmp/gpupipe-bench/data-${WARMUP_ROWS:-3000000}'), seed=0)"
+    sync; sleep 5  # let the generated files' write-back settle before timing
+    for round in 1 2; do
+      for v in old new; do
+        root=$PWD
+        [ $v = old ] && root=$old_tree
+        PYTHONPATH="/tmp/site:$root" part "etl_ab_${v}_$round" timeout 300 $py \
+          "$root/bench/profile_gpu_etl_steps.py" --rows "$rows" --plain-runs 3 --runs 0 \
+          --out "$out/etl_ab_${v}_$round.json"
+      done
+    done
+    part etl_steps timeout 300 env CUDA_LAUNCH_BLOCKING=1 $py bench/profile_gpu_etl_steps.py \
+      --rows "$rows" --plain-runs 0 --runs 1 --cprofile --out "$out/etl_steps_cprofile.json"
+    grep -h "^plain\|^steps" "$out"/etl_ab_*.log
     ;;
   ab_code)  # the worker pipeline, this tree's code vs another's (OLD_TREE: a directory holding
     # that commit's tasks/ and kernels/), alternating, same data and same profiling script

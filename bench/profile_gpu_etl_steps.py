@@ -7,14 +7,20 @@ remove some overlap, so its steps add up to a little more than an unprofiled run
 reported, from the same process and files.
 
     python bench/profile_gpu_etl_steps.py --rows 20000000 --runs 2 --out /tmp/etl_steps.json
+
+`--cprofile` adds a last run under cProfile. Run it with CUDA_LAUNCH_BLOCKING=1 so that each
+kernel's time is paid by the Python call that launched it.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import functools
+import io
 import json
+import pstats
 import shutil
 import sys
 import threading
@@ -103,6 +109,7 @@ def main() -> None:
     p.add_argument("--device", default="gpu")
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--cprofile", action="store_true", help="one more run, under cProfile")
     args = p.parse_args()
 
     from tasks.backend import resolve_backend
@@ -124,6 +131,8 @@ def main() -> None:
     plan = [("warmup", args.warmup_rows, False)]
     plan += [(f"plain_{i + 1}", args.rows, False) for i in range(args.plain_runs)]
     plan += [(f"steps_{i + 1}", args.rows, True) for i in range(args.runs)]
+    if args.cprofile:
+        plan.append(("cprofile", args.rows, False))
     for label, rows, profiled in plan:
         data = args.work / f"data-{rows}"
         generate_transactions(rows, data, seed=0, rows_per_file=min(rows, 1_000_000))
@@ -131,15 +140,26 @@ def main() -> None:
         shutil.rmtree(home, ignore_errors=True)
         cfg = builtin_config(data, home)
         timer = StepTimer(sync)
+        prof = cProfile.Profile() if label == "cprofile" else None
         start = time.perf_counter()
         with steps_timed(timer) if profiled else contextlib.nullcontext():
+            if prof:
+                prof.enable()
             out = run_etl(cfg, backend, home / "etl")
+            if prof:
+                prof.disable()
         seconds = time.perf_counter() - start
         stages = json.loads((out.root / "etl.json").read_text())["stage_seconds"]
         run = {"label": label, "rows": rows, "seconds": round(seconds, 4), "stages": stages}
         if profiled:
             run["steps"] = {k: round(v, 4) for k, v in sorted(timer.seconds.items())}
             run["calls"] = dict(sorted(timer.calls.items()))
+        if prof:
+            for key in ("tottime", "cumulative"):
+                buf = io.StringIO()
+                pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(60)
+                run[f"profile_{key}"] = buf.getvalue()
+                print(buf.getvalue()[-12000:], flush=True)
         report["runs"].append(run)
         print(f"{label}: {rows:,} rows in {seconds:.2f} s; stages {stages}", flush=True)
         for path, secs in sorted(timer.seconds.items()):

@@ -477,7 +477,9 @@ def derived_partition(
         apply_out_of_fold(numeric, num_names, part, oof or {}, cupy)
         data = {name: numeric[j] for j, name in enumerate(num_names)}
         data.update({name: codes[i] for i, name in enumerate(cat_names)})
-        out = cudf.DataFrame(data)
+        # NaN stays NaN as in pandas: cuDF's default turns it into nulls, scanning and
+        # synchronising per column, and nullable columns leave to_cupy's one-copy path
+        out = cudf.DataFrame(data, nan_as_null=False)
         for c in keep:
             out[c] = part[c].reset_index(drop=True)
         return out
@@ -503,7 +505,12 @@ def matrix_partition(part: Any, *, spec: Mapping[str, Any], keep: Sequence[str])
         codes = cupy.ascontiguousarray(part[cat_names].to_cupy(dtype="int32").T)
         device_params = {k: cupy.asarray(v) for k, v in params.items()}
         matrix = preprocess(numeric, codes, device_params, params, cupy)
-        out = cudf.DataFrame({name: matrix[:, j] for j, name in enumerate(num_names + cat_names)})
+        # one transposed copy, then each column a contiguous slice that cuDF wraps without a copy
+        # (a strided column is copied one by one); the matrix has no NaN, so no NaN scan either
+        columns = cupy.ascontiguousarray(matrix.T)
+        out = cudf.DataFrame(
+            {name: columns[j] for j, name in enumerate(num_names + cat_names)}, nan_as_null=False
+        )
         for c in keep:
             out[c] = part[c].reset_index(drop=True)
         return out

@@ -1322,7 +1322,8 @@ class GpuEngine:
                 LABEL_COLUMN: labels,
                 MODEL_NAME_COLUMN: cudf.Series([self.model_name]).repeat(n).reset_index(drop=True),
                 MODEL_VERSION_COLUMN: cupy.full(n, self.model_version, cupy.int64),
-            }
+            },
+            nan_as_null=False,  # as the host table: no NaN scan and device wait per batch
         )
 
     def open_sink(self, tmp_path: Path, compression: OutputCompression) -> Sink:
