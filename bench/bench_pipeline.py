@@ -132,6 +132,57 @@ def run_device(device: str, data_dir: Path, work: Path, args: argparse.Namespace
     }
 
 
+def etl_rounds(data_dir: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The ETL alone, GPU then CPU in each round, on the same files: one warm-up run of each
+    first (on the full data: GPU kernels compiled, the CPU cluster's workers imported), then
+    `args.etl_rounds` timed rounds. The CPU cluster stays up for all of them."""
+    import shutil
+
+    import dask
+
+    from tasks.backend import resolve_backend
+    from tasks.etl import run_etl
+
+    devices = {d: resolve_backend(d) for d in args.devices.split(",")}
+    rounds: list[dict[str, Any]] = []
+    with cpu_cluster(args.cpu_workers):
+        for r in range(args.etl_rounds + 1):
+            seconds: dict[str, Any] = {}
+            for name, backend in devices.items():
+                home = args.work / f"etl-rounds-{name}"
+                shutil.rmtree(home, ignore_errors=True)  # time the ETL, not its reuse
+                cfg = bench_config(data_dir, home, args)
+                # the cluster is the CPU run's scheduler only (a GPU run that used dask would
+                # schedule on its own threads, every thread of the ETL included)
+                with (
+                    dask.config.set(scheduler="threads")
+                    if name != "cpu"
+                    else contextlib.nullcontext()
+                ):
+                    etl, seconds[name] = timed(run_etl, cfg, backend, home / "etl")
+                stages = json.loads((etl.root / "etl.json").read_text()).get("stage_seconds")
+                seconds[f"{name}_stages"] = stages
+            if "gpu" in devices and "cpu" in devices:
+                seconds["gpu_over_cpu"] = seconds["cpu"] / seconds["gpu"]
+            seconds["round"] = "warm-up" if r == 0 else r
+            rounds.append(seconds)
+            print(f"ETL round {seconds['round']}: {seconds}", flush=True)
+    return rounds
+
+
+def print_etl_rounds(rounds: list[dict[str, Any]]) -> None:
+    timed_rounds = [r for r in rounds if r["round"] != "warm-up"]
+    if not timed_rounds or "gpu_over_cpu" not in timed_rounds[0]:
+        return
+    gpu = [r["gpu"] for r in timed_rounds]
+    cpu = [r["cpu"] for r in timed_rounds]
+    print(
+        f"ETL over {len(timed_rounds)} rounds: GPU {min(gpu):.2f}-{max(gpu):.2f} s, "
+        f"CPU {min(cpu):.2f}-{max(cpu):.2f} s; ratio of means {np.mean(cpu) / np.mean(gpu):.1f}x, "
+        f"per round {[round(r['gpu_over_cpu'], 1) for r in timed_rounds]}"
+    )
+
+
 def features_parity(cpu_root: str, gpu_root: str) -> dict[str, float]:
     """Max abs difference of the test-split feature matrices (rows aligned by id)."""
     a = pd.read_parquet(Path(cpu_root) / "features" / "test").set_index("transaction_id")
@@ -169,6 +220,13 @@ def main() -> None:
     )
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument(
+        "--etl-rounds",
+        type=int,
+        default=0,
+        help="only the ETL: this many rounds of one run per device of --devices (the CPU's "
+        "cluster kept between rounds), after one warm-up round; reports every round's ratio",
+    )
     args = p.parse_args()
 
     from tasks.generate import generate_transactions
@@ -186,6 +244,13 @@ def main() -> None:
         "config": {k: v for k, v in vars(args).items() if k not in ("work", "out")},
         "devices": {},
     }
+    if args.etl_rounds:
+        report["etl_rounds"] = etl_rounds(data_dir, args)
+        print_etl_rounds(report["etl_rounds"])
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, default=str))
+        return
     if args.warmup_rows:
         # its own name: a `data-N` directory holds seed-0 data (profile_gpu_etl.py reads those)
         warm_dir = args.work / f"warmup-data-{args.warmup_rows}"

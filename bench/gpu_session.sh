@@ -24,6 +24,7 @@
 #   bash bench/gpu_session.sh transform_steps  # where the transform's time goes (host, synced)
 #   OLD_TREE=dir bash bench/gpu_session.sh transform_kernels  # string lookup and drift kernels
 #   OLD_TREE=dir bash bench/gpu_session.sh etl_ab  # GPU ETL: this code vs another's, steps, cProfile
+#   bash bench/gpu_session.sh etl_rounds  # ETL alone, GPU vs 16-core CPU, ROUNDS rounds, one cluster
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -195,6 +196,11 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       done
     done
     profile_summary streams
+    ;;
+  etl_rounds)  # the ETL alone, GPU then 16-core CPU per round, same files, one CPU cluster
+    part etl_rounds timeout 590 $py bench/bench_pipeline.py --rows "$rows" --devices gpu,cpu \
+      --cpu-workers 16 --etl-rounds "${ROUNDS:-3}" --out "$out/etl_rounds.json"
+    grep -h "^ETL" "$out/etl_rounds.log"
     ;;
   etl_ab)  # the in-memory GPU ETL, this tree's code vs another's (OLD_TREE), in alternating
     # processes on the same files; then this tree's steps timed between device synchronisations

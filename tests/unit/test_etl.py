@@ -6,11 +6,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.backend import resolve_backend
+from tasks.backend import probe_gpu, resolve_backend
 from tasks.bundle import frame_to_raw
 from tasks.config import builtin_config, config_from_mapping
 from tasks.etl import EtlOutput, load_transform, run_etl
 from tasks.numpy_features import transform_raw
+
+GPU_OK, GPU_WHY = probe_gpu()
 
 CPU = resolve_backend("cpu")
 
@@ -53,6 +55,11 @@ def test_entity_statistics_use_training_rows_only(etl: tuple[EtlOutput, Path]) -
     expected_std = train.groupby("card_id").amount.std().dropna()
     got_std = pd.Series(card["std"], index=card["key"])
     np.testing.assert_allclose(got_std[expected_std.index], expected_std, rtol=1e-6)
+    assert (np.diff(card["key"]) > 0).all()  # sorted and unique: the lookups binary-search it
+    # keys without any amount take the entity prior: the mean and std over all training amounts
+    table = next(e for e in spec.entities if e.key == "card_id")
+    assert table.prior_mean == pytest.approx(train.amount.mean(), rel=1e-9)
+    assert table.prior_std == pytest.approx(train.amount.std(), rel=1e-6)
     assert spec.train_rows == len(train)
     assert spec.train_positive_rate == pytest.approx(train.is_fraud.mean())
 
@@ -309,3 +316,48 @@ def test_a_failed_transform_save_on_its_thread_fails_the_etl(
     with pytest.raises(OSError, match="injected for the transform"):
         run_etl(builtin_config(raw_dataset, tmp_path / "home"), CPU, out_root)
     assert not list(out_root.glob("*/etl.json"))
+
+
+@pytest.mark.parametrize(
+    "frame_kind",
+    [
+        "pandas",
+        pytest.param(
+            "cudf", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
+        ),
+    ],
+)
+def test_fit_entity_on_a_small_table(frame_kind: str) -> None:
+    """Totals are the folds' sums; an entity without values takes the priors; the out-of-fold
+    rate leaves out exactly that fold's rows. The same on a cuDF frame (the GPU path)."""
+    from tasks.etl import FOLD_COLUMN, TARGET_FOLDS, fit_entity
+
+    train = pd.DataFrame(
+        {
+            "k": [1, 1, 2, 2, 3, 1],
+            "v": [1.0, 3.0, np.nan, np.nan, 5.0, 2.0],
+            "y": [1, 0, 0, 1, 0, 1],
+            FOLD_COLUMN: np.array([0, 1, 0, 2, 4, 1], np.int8),
+        }
+    )
+    if frame_kind == "cudf":
+        import cudf
+
+        train = cudf.DataFrame(train)
+    prior, m = 0.5, 2.0
+    table, lookup, oof = fit_entity(train, "k", "v", "y", prior, m)
+    assert lookup["key"].tolist() == [1, 2, 3]
+    assert lookup["count"].tolist() == [3, 2, 1]
+    values = np.array([1.0, 3.0, 5.0, 2.0])
+    assert table.prior_mean == pytest.approx(values.mean(), rel=1e-12)
+    assert table.prior_std == pytest.approx(values.std(ddof=1), rel=1e-12)
+    np.testing.assert_allclose(lookup["mean"], [2.0, table.prior_mean, 5.0], rtol=1e-12)
+    np.testing.assert_allclose(lookup["std"], [1.0, table.prior_std, table.prior_std], rtol=1e-12)
+    np.testing.assert_allclose(
+        lookup["target_rate"],
+        [(2 + m * prior) / (3 + m), (1 + m * prior) / (2 + m), m * prior / (1 + m)],
+    )
+    assert oof.shape == (3, TARGET_FOLDS)
+    # key 1 without fold 1 (rows y=0 and y=1): one row, y=1; without fold 3 (no rows): all three
+    assert oof[0, 1] == pytest.approx((1 + m * prior) / (1 + m))
+    assert oof[0, 3] == pytest.approx(lookup["target_rate"][0])
