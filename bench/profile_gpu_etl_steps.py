@@ -110,6 +110,11 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cprofile", action="store_true", help="one more run, under cProfile")
+    p.add_argument(
+        "--async-memory",
+        action="store_true",
+        help="RMM allocations through cudaMallocAsync (tasks.backend.use_async_device_memory)",
+    )
     args = p.parse_args()
 
     from tasks.backend import resolve_backend
@@ -121,13 +126,23 @@ def main() -> None:
     if backend.device == "gpu":
         import cupy
 
+        if args.async_memory:
+            from tasks.backend import use_async_device_memory
+
+            use_async_device_memory()
+
         sync: Callable[[], None] = cupy.cuda.runtime.deviceSynchronize
     else:
 
         def sync() -> None:
             return None
 
-    report: dict[str, Any] = {"rows": args.rows, "device": backend.device, "runs": []}
+    report: dict[str, Any] = {
+        "rows": args.rows,
+        "device": backend.device,
+        "async_memory": args.async_memory,
+        "runs": [],
+    }
     plan = [("warmup", args.warmup_rows, False)]
     plan += [(f"plain_{i + 1}", args.rows, False) for i in range(args.plain_runs)]
     plan += [(f"steps_{i + 1}", args.rows, True) for i in range(args.runs)]

@@ -78,6 +78,7 @@ SPLITS = ("train", "valid", "test")
 SPLIT_COLUMN = "__split"
 FOLD_COLUMN = "__fold"
 SQUARE_COLUMN = "__square"
+PRESENT_COLUMN = "__present"
 TARGET_FOLDS = 5
 STATS_SAMPLE_ROWS = 2_000_000
 
@@ -342,12 +343,17 @@ def fit_categorical(
     )
 
 
-def nans_to_nulls(part: Any, column: str) -> Any:
-    """cuDF reads parquet NaN as a value, not a null, and its groupby mean/std then return NaN
-    where pandas skips it; turning NaN into null makes both backends skip missing values."""
-    if is_cudf(part):
-        return part.assign(**{column: part[column].nans_to_nulls()})
-    return part
+def entity_value_columns(part: Any, *, value: str) -> Any:
+    """`value` as float64 with its missing values (null or NaN) as 0, its square, and a 0/1
+    column saying where it was present: grouped sums of these give each group's count, sum and
+    sum of squares, never null (a group of only missing values sums to 0 with count 0), on
+    pandas and cuDF alike. (cuDF keeps parquet NaN as a value, and a sum over only nulls is
+    null, whose fill cost 70 ms per 2M groups on an H100.)"""
+    xp = array_module(part)
+    x = column_values(part[value], np.float64, np.nan)
+    present = ~xp.isnan(x)
+    x = xp.where(present, x, 0.0)
+    return part.assign(**{value: x, SQUARE_COLUMN: x * x, PRESENT_COLUMN: present.astype(xp.int32)})
 
 
 def fit_entity(
@@ -362,16 +368,17 @@ def fit_entity(
     One grouping by (entity, fold) gives both: an entity's totals are its folds' sums. The sums
     stay where the grouping ran (CuPy for cuDF) until the per-entity results.
     """
-    work = train[[key, value, target, FOLD_COLUMN]].assign(
-        **{value: train[value].astype("float64")}
-    )
-    work = map_frame(work, nans_to_nulls, column=value)
-    work = work.assign(**{SQUARE_COLUMN: work[value] * work[value]})
+    work = map_frame(train[[key, value, target, FOLD_COLUMN]], entity_value_columns, value=value)
     # mean and std from sums and counts: dask-cuDF's grouped mean/std of a nullable column
     # disagreed with pandas on 2026-11-23 (H200, cuDF 26.10), sums and counts agree on both
     grouped = compute(
         work.groupby([key, FOLD_COLUMN]).agg(
-            {target: ["count", "sum"], value: ["sum", "count"], SQUARE_COLUMN: ["sum"]}
+            {
+                target: ["count", "sum"],
+                value: ["sum"],
+                PRESENT_COLUMN: ["sum"],
+                SQUARE_COLUMN: ["sum"],
+            }
         )
     )
     grouped.columns = list(ENTITY_SUMS)
