@@ -76,8 +76,11 @@ def use_async_device_memory() -> bool:
     `cudaFree`: on an H100 that made the scoring transform 2-5x slower per 1M rows
     (bench/results/2026-11-23_h100_profile_batched*.json). The async pool also hands memory back
     to the driver, so XGBoost's and PyTorch's own allocators in the same process still find it.
-    Used by scoring workers only: the GPU ETL measured slower with it (numeric fits 0.46 ->
-    2.1 s of 20M rows, bench/results/2026-11-23_h100_bench_pipeline_20M_warm_v4.json).
+    Used by scoring workers and the in-memory GPU ETL: 20M rows took 1.07-1.17 s with it against
+    1.14-1.44 s without, alternating processes on one H100
+    (bench/results/2026-12-06_h100_profile_gpu_etl_memory_*.json). An older ETL, which waited on
+    the device per statistic, measured slower with it (numeric fits 0.46 -> 2.1 s,
+    bench/results/2026-11-23_h100_bench_pipeline_20M_warm_v4.json).
     """
     import rmm
 

@@ -25,7 +25,7 @@ import numpy.typing as npt
 import pandas as pd
 
 from kernels.reference import fused_preprocess_reference
-from tasks.backend import Backend, free_device_bytes, visible_gpus
+from tasks.backend import Backend, free_device_bytes, use_async_device_memory, visible_gpus
 from tasks.column_stats import FILL, HI, LO, MEAN, STD, column_quantiles, imputation_statistics
 from tasks.config import PipelineConfig
 from tasks.drift import matrix_bin_counts
@@ -672,6 +672,8 @@ def _run_etl(
         free_device_bytes=free_device_bytes() if sizes_matter else 0,
     )
     progress(f"ETL table: {'one in-memory frame' if single else 'dask partitions'} ({why})")
+    if single and backend.device == "gpu" and use_async_device_memory():
+        progress("ETL device memory: cudaMallocAsync pool (RMM)")
     raw = read_raw_frame(files, cfg, roles, backend) if single else read_raw(files, cfg, roles)
     clock("splitting")
     cuts = (
