@@ -252,7 +252,7 @@ def main() -> None:
             args.out.write_text(json.dumps(report, indent=2, default=str))
         return
     if args.warmup_rows:
-        # its own name: a `data-N` directory holds seed-0 data (profile_gpu_etl.py reads those)
+        # its own name: a `data-N` directory holds seed-0 data (profile_gpu_etl_steps.py reads those)
         warm_dir = args.work / f"warmup-data-{args.warmup_rows}"
         generate_transactions(
             args.warmup_rows, warm_dir, seed=1, rows_per_file=min(args.rows_per_file, 100_000)

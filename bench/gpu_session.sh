@@ -8,7 +8,7 @@
 #   bash bench/gpu_session.sh profile    # per-step GPU scoring profile (after `scoring`)
 #   bash bench/gpu_session.sh profile_batched  # whole files in batches: per-step cost by batch size
 #   bash bench/gpu_session.sh batch      # GPU tests + batch-mode scoring profile
-#   bash bench/gpu_session.sh profile_etl  # GPU ETL stage timings, one frame vs dask, + cProfile
+#   bash bench/gpu_session.sh profile_etl  # GPU ETL steps, one frame vs dask, + cProfile
 #   bash bench/gpu_session.sh write      # predictions write cost by table layout and options
 #   bash bench/gpu_session.sh mlp        # MLP fit: CUDA-graph steps vs eager vs the CPU
 #   bash bench/gpu_session.sh processes  # scoring processes sharing one GPU, no dask or Prefect
@@ -107,10 +107,10 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --batches 1,8,20 --pipelined 8,20 --out "$out/profile_batched_async.json"
     ;;
   profile_etl)  # one cuDF frame vs dask-cuDF partitions, stage timings side by side
-    part profile_gpu_etl $py bench/profile_gpu_etl.py --rows "$rows" --frames auto,dask \
-      --out "$out/profile_gpu_etl.json"
-    part profile_gpu_etl_kvikio16 env KVIKIO_NTHREADS=16 $py bench/profile_gpu_etl.py \
-      --rows "$rows" --frames auto --out "$out/profile_gpu_etl_kvikio16.json"
+    part profile_gpu_etl $py bench/profile_gpu_etl_steps.py --rows "$rows" --frames auto,dask \
+      --plain-runs 2 --runs 1 --out "$out/profile_gpu_etl.json"
+    part profile_gpu_etl_cprofile env CUDA_LAUNCH_BLOCKING=1 $py bench/profile_gpu_etl_steps.py \
+      --rows "$rows" --plain-runs 0 --runs 0 --cprofile --out "$out/profile_gpu_etl_cprofile.json"
     ;;
   write)  # predictions write cost by table layout and parquet options, then by file I/O settings
     part profile_gpu_write $py bench/profile_gpu_write.py --rows "$rows" --out "$out/profile_gpu_write.json"

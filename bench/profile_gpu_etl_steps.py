@@ -9,7 +9,9 @@ reported, from the same process and files.
     python bench/profile_gpu_etl_steps.py --rows 20000000 --runs 2 --out /tmp/etl_steps.json
 
 `--cprofile` adds a last run under cProfile. Run it with CUDA_LAUNCH_BLOCKING=1 so that each
-kernel's time is paid by the Python call that launched it.
+kernel's time is paid by the Python call that launched it. `--frames auto,dask` repeats the
+runs for each way of holding the table (`etl_frames`), side by side in one process;
+`--warmup-rows 0 --plain-runs 0 --runs 0 --cprofile` profiles a first run (one-off compiles).
 """
 
 from __future__ import annotations
@@ -107,6 +109,9 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=2, help="profiled runs after the plain ones")
     p.add_argument("--plain-runs", type=int, default=2)
     p.add_argument("--device", default="gpu")
+    p.add_argument(
+        "--frames", default="auto", help="etl_frames values to run in turn, comma-separated"
+    )
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cprofile", action="store_true", help="one more run, under cProfile")
@@ -143,19 +148,24 @@ def main() -> None:
         "async_memory": args.async_memory,
         "runs": [],
     }
-    plan = [("warmup", args.warmup_rows, False)]
-    plan += [(f"plain_{i + 1}", args.rows, False) for i in range(args.plain_runs)]
-    plan += [(f"steps_{i + 1}", args.rows, True) for i in range(args.runs)]
-    if args.cprofile:
-        plan.append(("cprofile", args.rows, False))
-    for label, rows, profiled in plan:
+    frames = args.frames.split(",")
+    plan = [("warmup", args.warmup_rows, False, frames[0])] if args.warmup_rows else []
+    for choice in frames:
+        prefix = f"{choice}_" if len(frames) > 1 else ""
+        plan += [
+            (f"{prefix}plain_{i + 1}", args.rows, False, choice) for i in range(args.plain_runs)
+        ]
+        plan += [(f"{prefix}steps_{i + 1}", args.rows, True, choice) for i in range(args.runs)]
+        if args.cprofile:
+            plan.append((f"{prefix}cprofile", args.rows, False, choice))
+    for label, rows, profiled, choice in plan:
         data = args.work / f"data-{rows}"
         generate_transactions(rows, data, seed=0, rows_per_file=min(rows, 1_000_000))
         home = args.work / f"profile-etl-steps-{label}"
         shutil.rmtree(home, ignore_errors=True)
-        cfg = builtin_config(data, home)
+        cfg = builtin_config(data, home).model_copy(update={"etl_frames": choice})
         timer = StepTimer(sync)
-        prof = cProfile.Profile() if label == "cprofile" else None
+        prof = cProfile.Profile() if label.endswith("cprofile") else None
         start = time.perf_counter()
         with steps_timed(timer) if profiled else contextlib.nullcontext():
             if prof:
@@ -165,7 +175,13 @@ def main() -> None:
                 prof.disable()
         seconds = time.perf_counter() - start
         stages = json.loads((out.root / "etl.json").read_text())["stage_seconds"]
-        run = {"label": label, "rows": rows, "seconds": round(seconds, 4), "stages": stages}
+        run = {
+            "label": label,
+            "rows": rows,
+            "frames": choice,
+            "seconds": round(seconds, 4),
+            "stages": stages,
+        }
         if profiled:
             run["steps"] = {k: round(v, 4) for k, v in sorted(timer.seconds.items())}
             run["calls"] = dict(sorted(timer.calls.items()))
