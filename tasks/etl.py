@@ -426,12 +426,16 @@ ENTITY_SUMS = ("count", "pos", "value_sum", "value_count", "square_sum")
 
 
 def sorted_keys(keys: Any) -> npt.NDArray[Any]:
-    """The distinct values of a pandas or cuDF column, sorted, as a NumPy array (the grouping
-    has already dropped missing keys)."""
+    """The distinct values of a pandas or cuDF column, sorted, as a NumPy array: numbers as
+    they are, anything else as fixed-width unicode (an object array cannot be saved without
+    pickle). The grouping has already dropped missing keys. cuDF sorts strings by their UTF-8
+    bytes, which is the code-point order NumPy sorts unicode by."""
     distinct = keys.unique()
     if is_cudf(keys):
-        return np.asarray(distinct.sort_values().to_numpy())
-    return np.sort(np.asarray(distinct))
+        values = np.asarray(distinct.sort_values().to_numpy())
+        return values.astype(str) if values.dtype.kind == "O" else values
+    values = np.asarray(distinct)
+    return np.sort(values if values.dtype.kind in "iufb" else values.astype(str))
 
 
 def mean_and_std(n: Any, sums: Any, squares: Any) -> tuple[Any, Any]:

@@ -297,5 +297,10 @@ def load_lookup_npz(path: str) -> dict[str, npt.NDArray[Any]]:
 
 
 def save_lookup_npz(path: str, lookup: Lookup) -> None:
-    arrays: dict[str, Any] = {k: np.asarray(v) for k, v in lookup.items()}
+    """Save one entity lookup table without pickle: object arrays (string keys) are stored as
+    fixed-width unicode, which `load_lookup_npz` reads back without pickle."""
+    arrays: dict[str, Any] = {}
+    for name, values in lookup.items():
+        array = np.asarray(values)
+        arrays[name] = array.astype(str) if array.dtype.kind == "O" else array
     np.savez(path, **arrays)

@@ -361,3 +361,61 @@ def test_fit_entity_on_a_small_table(frame_kind: str) -> None:
     # key 1 without fold 1 (rows y=0 and y=1): one row, y=1; without fold 3 (no rows): all three
     assert oof[0, 1] == pytest.approx((1 + m * prior) / (1 + m))
     assert oof[0, 3] == pytest.approx(lookup["target_rate"][0])
+
+
+@pytest.mark.parametrize(
+    ("frames", "device"),
+    [
+        ("dask", "cpu"),
+        ("single", "cpu"),
+        pytest.param(
+            "single", "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
+        ),
+    ],
+)
+def test_string_entity_keys(tmp_path: Path, test_seed: int, frames: str, device: str) -> None:
+    """An entity keyed by strings (with missing keys and values, non-ASCII keys): the lookup
+    holds the sorted distinct training keys with their count, mean and std, as pandas computes
+    them, saved without pickle; the ETL's features equal the scoring transform's."""
+    rng = np.random.default_rng(test_seed)
+    n = 3000
+    stores = np.array([f"store-{i:02d}" for i in range(40)] + ["Zürich", "ärger"])
+    table = pd.DataFrame(
+        {
+            "row": np.arange(n),
+            "store": rng.choice(stores, n).astype(object),
+            "spend": rng.gamma(2.0, 10.0, n),
+        }
+    )
+    table.loc[rng.choice(n, 100, replace=False), "store"] = None
+    table.loc[rng.choice(n, 200, replace=False), "spend"] = np.nan
+    table["label"] = (rng.random(n) < 0.2).astype(int)
+    table.to_parquet(tmp_path / "part.parquet", index=False)
+    cfg = config_from_mapping(
+        {
+            "data": {
+                "source": str(tmp_path / "*.parquet"),
+                "target": "label",
+                "id": "row",
+                "numeric": ["spend"],
+                "categorical": [],
+            },
+            "features": {"entities": [{"key": "store", "value": "spend"}]},
+            "home": str(tmp_path / "home"),
+            "etl_frames": frames,
+        }
+    )
+    out = run_etl(cfg, resolve_backend(device), tmp_path / "home" / "etl")
+    spec, lookups = load_transform(out.transform_dir)
+    lookup = lookups["store"]
+    train_ids = pd.read_parquet(out.features_dir("train"))["row"]
+    train = table[table.row.isin(train_ids)]
+    grouped = train.dropna(subset=["store"]).groupby("store")
+    assert [str(k) for k in lookup["key"]] == sorted(grouped.groups)
+    np.testing.assert_array_equal(lookup["count"], grouped.label.count().to_numpy())
+    np.testing.assert_allclose(lookup["mean"], grouped.spend.mean().to_numpy(), rtol=1e-9)
+    np.testing.assert_allclose(lookup["std"], grouped.spend.std().to_numpy(), rtol=1e-6)
+    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("row")
+    feats = pd.read_parquet(out.features_dir("test")).sort_values("row")
+    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
+    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
