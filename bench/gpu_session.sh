@@ -25,6 +25,7 @@
 #   OLD_TREE=dir bash bench/gpu_session.sh transform_kernels  # string lookup and drift kernels
 #   OLD_TREE=dir bash bench/gpu_session.sh etl_ab  # GPU ETL: this code vs another's, steps, cProfile
 #   bash bench/gpu_session.sh etl_rounds  # ETL alone, GPU vs 16-core CPU, ROUNDS rounds, one cluster
+#   bash bench/gpu_session.sh etl_write_streams  # feature write: now vs own-stream threads (not run yet)
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
@@ -124,6 +125,12 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
   etl_write)  # the ETL's feature write: options, one call vs per split, threads, bounds
     part profile_gpu_etl_write $py bench/profile_gpu_etl_write.py --rows "$rows" \
       --out "$out/profile_gpu_etl_write.json"
+    ;;
+  etl_write_streams)  # the ETL's feature write as now vs files written on threads with their
+    # own CUDA streams (3, 6, 12), and the device-to-host copy bound, same table, one process
+    part profile_gpu_etl_write_streams $py bench/profile_gpu_etl_write.py --rows "$rows" \
+      --only "as the ETL writes,own streams,splits in 3 threads,bound: copy to host" \
+      --out "$out/profile_gpu_etl_write_streams.json"
     ;;
   pinned)  # libcudf's host buffers in pinned memory: writes with and without, side by side
     pinned_env=(LIBCUDF_PINNED_POOL_SIZE=4294967296 LIBCUDF_ALLOCATE_HOST_AS_PINNED_THRESHOLD=4294967296)

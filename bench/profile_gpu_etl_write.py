@@ -1,5 +1,5 @@
-"""Where the GPU ETL's feature write goes: writer options, one call vs one per split, threads,
-and the bounds (device-to-host copy and a plain host file write of the same bytes).
+"""Where the GPU ETL's feature write goes: writer options, one call vs one per split, threads
+(on the legacy default stream, or each on its own stream), and the bounds (device-to-host copy and a plain host file write of the same bytes).
 
 A synthetic feature table shaped like the ETL's (20M rows: 18 float32 model inputs of low, mid
 and high cardinality, an int64 id and an int8 target; splits 70/15/15) is written as the ETL
@@ -143,6 +143,29 @@ def main() -> None:
         with ThreadPoolExecutor(16) as pool:
             list(pool.map(one, tasks))
 
+    def own_streams(root: Path, threads: int) -> None:
+        """Each split in files of about rows / threads rows, one file per task on `threads`
+        threads, each encoding on its own CUDA stream (`tasks.gpu_io.write_parquet_on_stream`,
+        as scoring's writers do): the encodes, device-to-host copies and file writes of
+        different files can overlap, where cuDF's `to_parquet` queues them all on the legacy
+        default stream."""
+        from tasks.gpu_io import write_parquet_on_stream
+
+        chunk = -(-args.rows // threads)
+        tasks = []
+        for code, s in enumerate(SPLITS):
+            (root / s).mkdir(parents=True, exist_ok=True)
+            start, stop = offsets[code], offsets[code + 1]
+            for i, a in enumerate(range(start, stop, chunk)):
+                tasks.append((a, min(a + chunk, stop), root / s / f"part.{i}.parquet"))
+
+        def one(task: tuple[int, int, Path]) -> None:
+            a, b, path = task
+            write_parquet_on_stream(by_split, [a, b], [path], "snappy")
+
+        with ThreadPoolExecutor(threads, thread_name_prefix=f"etl-write-{threads}") as pool:
+            list(pool.map(one, tasks))
+
     big_row_groups = {"row_group_size_rows": 5_000_000, "row_group_size_bytes": 1 << 30}
     big_pages = {"max_page_size_rows": 1_000_000, "max_page_size_bytes": 8 << 20}
 
@@ -193,6 +216,9 @@ def main() -> None:
             lambda r: host_write(r, pinned=False, dictionary=low_cardinality),
         ),
         ("one call, partition_offsets", args.work, one_call),
+        ("own streams: files on 3 threads", args.work, lambda r: own_streams(r, 3)),
+        ("own streams: files on 6 threads", args.work, lambda r: own_streams(r, 6)),
+        ("own streams: files on 12 threads", args.work, lambda r: own_streams(r, 12)),
         ("bound: copy to host only", args.work, copy_only),
         ("bound: copy into pinned host buffers", args.work, copy_pinned),
         ("bound: copy + raw host file write", args.work, host_bounds),
