@@ -159,7 +159,25 @@ def read_raw(files: Sequence[Path], cfg: PipelineConfig, roles: ColumnRoles) -> 
         if cfg.data.timestamp:
             ddf[cfg.data.timestamp] = dd.to_datetime(ddf[cfg.data.timestamp], format="ISO8601")
         return ddf
-    return dd.read_parquet([str(f) for f in files], columns=cols)
+    ddf = dd.read_parquet([str(f) for f in files], columns=cols)
+    return map_frame(ddf, plain_categoricals) if has_categoricals(ddf) else ddf
+
+
+def has_categoricals(frame: Any) -> bool:
+    return any(str(dtype) == "category" for dtype in frame.dtypes)
+
+
+def plain_categoricals(part: Any) -> Any:
+    """Categorical columns (parquet written from pandas `category` columns) as their plain
+    values. Each file has its own categories, so the partitions' types would differ (the raw
+    test split's write failed on them), and the values are what the spec and scoring see."""
+    return part.assign(
+        **{
+            column: part[column].astype(part[column].cat.categories.dtype)
+            for column, dtype in part.dtypes.items()
+            if str(dtype) == "category"
+        }
+    )
 
 
 def read_raw_frame(
@@ -172,7 +190,8 @@ def read_raw_frame(
     gives them (the fitted spec records them).
     """
     if backend.device == "gpu" and not is_csv_input(files, cfg):
-        return read_parquet_files([str(f) for f in files], roles.columns)
+        frame = read_parquet_files([str(f) for f in files], roles.columns)
+        return plain_categoricals(frame) if has_categoricals(frame) else frame
     return read_raw(files, cfg, roles).compute()
 
 

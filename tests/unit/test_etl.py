@@ -419,3 +419,59 @@ def test_string_entity_keys(tmp_path: Path, test_seed: int, frames: str, device:
     feats = pd.read_parquet(out.features_dir("test")).sort_values("row")
     direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
     np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("frames", ["dask", "single"])
+def test_category_typed_parquet_columns(tmp_path: Path, test_seed: int, frames: str) -> None:
+    """Files written from pandas `category` columns, each with its own categories (so their
+    dictionary index widths differ): the ETL reads them as plain values, as if they were
+    strings, and its output and spec equal those of the same data written as strings."""
+    rng = np.random.default_rng(test_seed)
+    parts = []
+    for i, n_stores in enumerate((40, 200)):  # int8 and int16 dictionary indices
+        n = 1500
+        parts.append(
+            pd.DataFrame(
+                {
+                    "row": np.arange(i * n, (i + 1) * n),
+                    "store": rng.choice([f"s{j:03d}" for j in range(n_stores)], n),
+                    "kind": rng.choice(["a", "b", "c"], n),
+                    "spend": rng.gamma(2.0, 10.0, n),
+                    "label": (rng.random(n) < 0.2).astype(int),
+                }
+            )
+        )
+    outputs = {}
+    for typed in ("category", "string"):
+        source = tmp_path / typed
+        source.mkdir()
+        for i, part in enumerate(parts):
+            if typed == "category":
+                part = part.astype({"store": "category", "kind": "category"})
+            part.to_parquet(source / f"part-{i}.parquet", index=False)
+        cfg = config_from_mapping(
+            {
+                "data": {
+                    "source": str(source / "*.parquet"),
+                    "target": "label",
+                    "id": "row",
+                    "numeric": ["spend"],
+                    "categorical": ["kind"],
+                },
+                "features": {"entities": [{"key": "store", "value": "spend"}]},
+                "home": str(tmp_path / f"home-{typed}"),
+                "etl_frames": frames,
+            }
+        )
+        outputs[typed] = run_etl(cfg, CPU, tmp_path / f"home-{typed}" / "etl")
+    cat, plain = outputs["category"], outputs["string"]
+    assert cat.rows == plain.rows and sum(cat.rows.values()) == 3000
+    cat_spec, cat_lookups = load_transform(cat.transform_dir)
+    plain_spec, plain_lookups = load_transform(plain.transform_dir)
+    assert "category" not in cat_spec.raw_dtypes.values()
+    assert cat_spec.categorical == plain_spec.categorical
+    np.testing.assert_array_equal(cat_lookups["store"]["key"], plain_lookups["store"]["key"])
+    for split in ("train", "test"):
+        a = pd.read_parquet(cat.features_dir(split)).sort_values("row")
+        b = pd.read_parquet(plain.features_dir(split)).sort_values("row")
+        np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
