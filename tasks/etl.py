@@ -519,7 +519,9 @@ def derived_partition(
     apply_out_of_fold(numeric, num_names, part, oof or {}, np)
     data = {name: numeric[j] for j, name in enumerate(num_names)}
     data.update({name: codes[i] for i, name in enumerate(cat_names)})
-    data.update({c: raw[c] for c in keep})
+    # the kept columns' own arrays: a string column as an object NumPy array leaves dask no
+    # type to write it with (pyarrow cannot infer one from dask's object placeholder)
+    data.update({c: part[c].array for c in keep})
     return pd.DataFrame(data, index=pd.RangeIndex(len(part)))
 
 
@@ -550,7 +552,7 @@ def matrix_partition(part: Any, *, spec: Mapping[str, Any], keep: Sequence[str])
     matrix = fused_preprocess_reference(numeric, codes, **params)
     out = pd.DataFrame(matrix, columns=num_names + cat_names, index=part.index)
     for c in keep:
-        out[c] = part[c].to_numpy()
+        out[c] = part[c].array  # its own type, positionally (see derived_partition)
     return out
 
 
