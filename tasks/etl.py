@@ -155,12 +155,26 @@ def read_raw(files: Sequence[Path], cfg: PipelineConfig, roles: ColumnRoles) -> 
     """Lazily read the raw columns; one partition per file (or per parquet row group)."""
     cols = roles.columns
     if is_csv_input(files, cfg):
-        ddf = dd.read_csv([str(f) for f in files], usecols=cols)
+        # numeric columns as float64 from the start: dask infers each column's type from the
+        # first rows, and an integer column whose missing values come later failed the read
+        numeric = {c: "float64" for c in roles.of("numeric")}
+        ddf = dd.read_csv([str(f) for f in files], usecols=cols, dtype=numeric)
         if cfg.data.timestamp:
-            ddf[cfg.data.timestamp] = dd.to_datetime(ddf[cfg.data.timestamp], format="ISO8601")
+            ddf = map_frame(ddf, parse_timestamps, column=cfg.data.timestamp)
         return ddf
     ddf = dd.read_parquet([str(f) for f in files], columns=cols)
     return map_frame(ddf, plain_categoricals) if has_categoricals(ddf) else ddf
+
+
+def parse_timestamps(part: Any, *, column: str) -> Any:
+    """`column`'s ISO 8601 text as timestamps, per partition. (Assigning dask's `to_datetime`
+    to the frame instead gave a boolean column the type `object` in dask's metadata, and the
+    target's sum then failed.)"""
+    if is_cudf(part):
+        import cudf
+
+        return part.assign(**{column: cudf.to_datetime(part[column], format="ISO8601")})
+    return part.assign(**{column: pd.to_datetime(part[column], format="ISO8601")})
 
 
 def has_categoricals(frame: Any) -> bool:

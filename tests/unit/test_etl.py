@@ -523,3 +523,53 @@ def test_string_ids_boolean_target_nullable_ints_and_spaced_names(
     feats = pd.read_parquet(out.features_dir("test")).sort_values("tx id")
     direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
     np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("frames", ["dask", "single"])
+def test_csv_with_boolean_target_timestamp_and_late_missing_integers(
+    tmp_path: Path, test_seed: int, frames: str
+) -> None:
+    """CSV whose integer column has missing values only in its second file (dask infers types
+    from the first rows, and the read failed), with a True/False target and ISO timestamps
+    (parsing them gave the target an `object` type in dask's metadata, and its sum failed)."""
+    rng = np.random.default_rng(test_seed)
+    n = 3000
+    table = pd.DataFrame(
+        {
+            "row": np.arange(n),
+            "visits": rng.integers(0, 20, n).astype(float),
+            "amount": rng.gamma(2.0, 10.0, n),
+            "when": (
+                pd.Timestamp("2026-01-01")
+                + pd.to_timedelta(np.sort(rng.integers(0, 90 * 86400, n)), unit="s")
+            ).strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+    )
+    table["fraud"] = rng.random(n) < 0.1 + 0.2 * (table.amount > 40)
+    late = rng.choice(np.arange(n // 2, n), 100, replace=False)
+    table.loc[late, "visits"] = np.nan
+    first = table.iloc[: n // 2].astype({"visits": int})  # written as integers
+    first.to_csv(tmp_path / "p0.csv", index=False)
+    table.iloc[n // 2 :].to_csv(tmp_path / "p1.csv", index=False)
+    cfg = config_from_mapping(
+        {
+            "data": {
+                "source": str(tmp_path / "*.csv"),
+                "target": "fraud",
+                "id": "row",
+                "timestamp": "when",
+                "numeric": ["visits", "amount"],
+                "categorical": [],
+            },
+            "home": str(tmp_path / "home"),
+            "etl_frames": frames,
+        }
+    )
+    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
+    assert sum(out.rows.values()) == n
+    spec, _ = load_transform(out.transform_dir)
+    assert spec.train_positive_rate == pytest.approx(
+        table.fraud[table.row.isin(pd.read_parquet(out.features_dir("train")).row)].mean()
+    )
+    visits = next(f for f in spec.numeric if f.name == "visits")
+    assert 0 <= visits.fill <= 19
