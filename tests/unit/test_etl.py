@@ -477,12 +477,13 @@ def test_category_typed_parquet_columns(tmp_path: Path, test_seed: int, frames: 
         np.testing.assert_array_equal(a.to_numpy(), b.to_numpy())
 
 
+@pytest.mark.parametrize("target_type", ["bool", "float64"])
 @pytest.mark.parametrize("frames", ["dask", "single"])
 def test_string_ids_boolean_target_nullable_ints_and_spaced_names(
-    tmp_path: Path, test_seed: int, frames: str
+    tmp_path: Path, test_seed: int, frames: str, target_type: str
 ) -> None:
     """String ids (the dask path could not write them: no type to infer from an object
-    column), a boolean target, a nullable integer column with missing values, and column
+    column), a boolean or float 0/1 target, a nullable integer column with missing values, and column
     names with spaces: every row lands in one split and its features equal the scoring
     transform's."""
     rng = np.random.default_rng(test_seed)
@@ -498,7 +499,7 @@ def test_string_ids_boolean_target_nullable_ints_and_spaced_names(
         }
     )
     table.loc[rng.choice(n, 200, replace=False), "visits"] = pd.NA
-    table["fraud"] = rng.random(n) < 0.05 + 0.2 * (table["amount usd"] > 40)
+    table["fraud"] = (rng.random(n) < 0.05 + 0.2 * (table["amount usd"] > 40)).astype(target_type)
     table.iloc[: n // 2].to_parquet(tmp_path / "p0.parquet", index=False)
     table.iloc[n // 2 :].to_parquet(tmp_path / "p1.parquet", index=False)
     cfg = config_from_mapping(
