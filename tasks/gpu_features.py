@@ -180,7 +180,9 @@ class KeyIndex:
             # like numpy_features.lookup_positions: cast to the key dtype before comparing
             vals = xp.where(present, vals, keys[0]).astype(keys.dtype)
         else:
-            vals = column_values(series, series.dtype, 0).astype(keys.dtype, copy=False)
+            # a pandas nullable integer column (Int64) reads as its NumPy type
+            dtype = getattr(series.dtype, "numpy_dtype", series.dtype)
+            vals = column_values(series, dtype, 0).astype(keys.dtype, copy=False)
             present = None
         if self.direct is not None:
             offset = vals.astype(xp.int64) - self.direct_base

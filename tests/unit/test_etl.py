@@ -574,3 +574,50 @@ def test_csv_with_boolean_target_timestamp_and_late_missing_integers(
     )
     visits = next(f for f in spec.numeric if f.name == "visits")
     assert 0 <= visits.fill <= 19
+
+
+@pytest.mark.parametrize("frames", ["dask", "single"])
+def test_nullable_integer_entity_key_and_integer_categories(
+    tmp_path: Path, test_seed: int, frames: str
+) -> None:
+    """An entity keyed by a nullable integer column (pandas Int64, some keys missing) and a
+    categorical column of integers: the lookup holds pandas' distinct training keys, and the
+    features equal the scoring transform's."""
+    rng = np.random.default_rng(test_seed)
+    n = 3000
+    table = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "zip": rng.choice([10001, 10002, 94105, 60601], n),
+            "cust": pd.array(rng.integers(0, 300, n), dtype="Int64"),
+            "amt": rng.gamma(2.0, 10.0, n).astype(np.float32),
+        }
+    )
+    table.loc[rng.choice(n, 100, replace=False), "cust"] = pd.NA
+    table["y"] = (rng.random(n) < 0.1 + 0.2 * (table.amt > 40)).astype(np.int8)
+    table.iloc[: n // 2].to_parquet(tmp_path / "a.parquet", index=False)
+    table.iloc[n // 2 :].to_parquet(tmp_path / "b.parquet", index=False)
+    cfg = config_from_mapping(
+        {
+            "data": {
+                "source": str(tmp_path / "*.parquet"),
+                "target": "y",
+                "id": "id",
+                "numeric": ["amt"],
+                "categorical": ["zip"],
+            },
+            "features": {"entities": [{"key": "cust", "value": "amt"}]},
+            "home": str(tmp_path / "home"),
+            "etl_frames": frames,
+        }
+    )
+    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
+    spec, lookups = load_transform(out.transform_dir)
+    train = table[table.id.isin(pd.read_parquet(out.features_dir("train")).id)]
+    counts = train.dropna(subset=["cust"]).groupby("cust").y.count()
+    np.testing.assert_array_equal(lookups["cust"]["key"].astype(np.int64), counts.index)
+    np.testing.assert_array_equal(lookups["cust"]["count"], counts.to_numpy())
+    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("id")
+    feats = pd.read_parquet(out.features_dir("test")).sort_values("id")
+    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
+    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)

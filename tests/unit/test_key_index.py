@@ -36,6 +36,10 @@ def test_numeric_positions_match_the_oracle(keys: np.ndarray) -> None:
     want = lookup_positions(keys, floats.to_numpy())
     np.testing.assert_array_equal(index.positions(floats, np), want)
     nullable = pd.Series(values[:50], dtype="Int64")
+    # without missing values a nullable column reads as its NumPy type (Int64 failed)
+    np.testing.assert_array_equal(
+        index.positions(nullable, np), lookup_positions(keys, values[:50])
+    )
     nullable.iloc[3] = pd.NA
     assert index.positions(nullable, np)[3] == -1
 
