@@ -331,8 +331,7 @@ def time_cuts(
     if n == 0:
         raise DataError(f"column {timestamp!r}: every timestamp is missing")
     sample = hash_sample(frame[[id_col, timestamp]], id_col, n, STATS_SAMPLE_ROWS, seed)
-    ts = sample[timestamp].dropna().astype("datetime64[us]").astype("int64")
-    values = _host(compute(ts))
+    values = _host(timestamps_us(compute(sample[timestamp].dropna())))
     q = np.quantile(values, [1.0 - valid_fraction - test_fraction, 1.0 - test_fraction])
     return int(q[0]), int(q[1])
 

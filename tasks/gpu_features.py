@@ -67,7 +67,14 @@ def _is_numeric(series: Any) -> bool:
 
 
 def timestamps_us(series: Any) -> Any:
-    """Datetime column -> int64 microseconds since the epoch; missing values -> int64 min (NaT)."""
+    """Datetime column -> int64 microseconds since the epoch; missing values -> int64 min (NaT).
+
+    Time-zone-aware timestamps count in their local wall time (the zone dropped, not converted
+    to UTC): the hour and night features mean the hour where the row happened, and data stored
+    in UTC reads the same either way.
+    """
+    if getattr(series.dtype, "tz", None) is not None:
+        series = series.dt.tz_localize(None)
     if is_cudf(series):
         micros = series.astype("datetime64[us]").astype("int64")
         return micros.values if micros.null_count == 0 else micros.to_cupy(na_value=_NAT)

@@ -74,13 +74,27 @@ def raw_column_names(
     return cols
 
 
+def datetime_values(values: npt.NDArray[Any]) -> npt.NDArray[np.datetime64]:
+    """Timestamps as datetime64[us]: datetime64 as it is; text parsed as ISO 8601; pandas
+    Timestamps with a time zone (a zone-aware column read into NumPy: an object array) in their
+    local wall time, as `gpu_features.timestamps_us` counts them. Object arrays only come from
+    pandas frames, so pandas is imported only for them (the Triton model sends int64)."""
+    ts = np.asarray(values)
+    if ts.dtype.kind != "O":
+        return ts.astype("datetime64[us]")
+    import pandas as pd
+
+    parsed = pd.to_datetime(pd.Series(ts, dtype=object), format="ISO8601")
+    if parsed.dt.tz is not None:
+        parsed = parsed.dt.tz_localize(None)
+    return parsed.to_numpy(dtype="datetime64[us]")
+
+
 def time_feature_columns(
     timestamps: npt.NDArray[Any], names: Sequence[str]
 ) -> dict[str, npt.NDArray[np.float32]]:
     """hour, day_of_week (Monday=0) and is_night (hour < 6) from datetime64 values; NaT -> NaN."""
-    ts = np.asarray(timestamps)
-    if not np.issubdtype(ts.dtype, np.datetime64):
-        ts = ts.astype("datetime64[us]")
+    ts = datetime_values(timestamps)
     missing = np.isnat(ts)
     hours = ts.astype("datetime64[h]").astype(np.int64)
     days = ts.astype("datetime64[D]").astype(np.int64)

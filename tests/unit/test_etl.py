@@ -621,3 +621,54 @@ def test_nullable_integer_entity_key_and_integer_categories(
     feats = pd.read_parquet(out.features_dir("test")).sort_values("id")
     direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
     np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("frames", ["dask", "single"])
+def test_time_zone_aware_timestamps(tmp_path: Path, test_seed: int, frames: str) -> None:
+    """Zone-aware timestamps (with missing ones) split by time and give time features in
+    their local wall time; the ETL's features equal the scoring transform's."""
+    from tasks.numpy_features import time_feature_columns
+
+    rng = np.random.default_rng(test_seed)
+    n = 3000
+    seconds = np.sort(rng.integers(0, 90 * 86400, n))
+    table = pd.DataFrame(
+        {
+            "id": np.arange(n),
+            "ts": pd.Timestamp("2026-03-01", tz="Europe/Zurich")
+            + pd.to_timedelta(seconds, unit="s"),
+            "amt": rng.gamma(2.0, 10.0, n),
+        }
+    )
+    table.loc[rng.choice(n, 30, replace=False), "ts"] = pd.NaT
+    table["y"] = (rng.random(n) < 0.1 + 0.2 * (table.amt > 40)).astype(int)
+    table.iloc[: n // 2].to_parquet(tmp_path / "a.parquet", index=False)
+    table.iloc[n // 2 :].to_parquet(tmp_path / "b.parquet", index=False)
+    cfg = config_from_mapping(
+        {
+            "data": {
+                "source": str(tmp_path / "*.parquet"),
+                "target": "y",
+                "id": "id",
+                "timestamp": "ts",
+                "numeric": ["amt"],
+                "categorical": [],
+            },
+            "home": str(tmp_path / "home"),
+            "etl_frames": frames,
+        }
+    )
+    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
+    assert sum(out.rows.values()) == n
+    ts = table.set_index("id").ts
+    split_ids = {s: pd.read_parquet(out.features_dir(s)).id for s in ("train", "valid", "test")}
+    assert ts[split_ids["train"]].max() <= ts[split_ids["valid"]].min()
+    assert ts[split_ids["valid"]].max() <= ts[split_ids["test"]].min()
+    hours = time_feature_columns(table.ts.to_numpy(), ["hour"])["hour"]
+    local = table.ts.dt.hour.to_numpy(dtype=np.float64, na_value=np.nan)
+    np.testing.assert_array_equal(hours, local)  # wall time, not UTC (March: UTC+1 and +2)
+    spec, lookups = load_transform(out.transform_dir)
+    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("id")
+    feats = pd.read_parquet(out.features_dir("test")).sort_values("id")
+    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
+    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
