@@ -47,6 +47,26 @@ def table_format(path: Path, declared: str = "auto") -> TableFormat:
     return fmt
 
 
+def nested_tables_hint(directory: Path) -> str:
+    """For a directory whose tables are only in subdirectories (a partitioned layout such as
+    `dt=2026-01-01/part-0.parquet`): how to name them, since directories are not searched
+    recursively."""
+    if not directory.is_dir():
+        return ""
+    nested = any(
+        f.suffix.lower() in _SUFFIX_FORMAT
+        for sub in directory.iterdir()
+        if sub.is_dir()
+        for f in sub.iterdir()
+    )
+    if not nested:
+        return ""
+    return (
+        " directly in it (directories are not searched recursively; for files in "
+        f"subdirectories use a glob such as '{directory}/*/*.parquet')"
+    )
+
+
 def discover_files(source: str, declared_format: str = "auto") -> list[Path]:
     """Expand a file, a directory (its parquet/CSV files) or a glob into a sorted file list."""
     p = Path(source).expanduser()
@@ -58,7 +78,7 @@ def discover_files(source: str, declared_format: str = "auto") -> list[Path]:
         found = [Path(f) for f in glob.glob(str(p)) if Path(f).is_file()]
     files = sorted(f.resolve() for f in found if not f.name.startswith(("_", ".")))
     if not files:
-        raise DataError(f"{source}: no input files found")
+        raise DataError(f"{source}: no input files found{nested_tables_hint(p)}")
     for f in files:
         table_format(f, declared_format)
     return files

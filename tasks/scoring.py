@@ -78,6 +78,7 @@ from tasks.io import (
     discover_files,
     dtype_problems,
     files_fingerprint,
+    nested_tables_hint,
     peek_schema,
     read_footer,
     read_table,
@@ -726,6 +727,9 @@ def discover_partitions(
         raise DataError(f"{source}: no such file or directory")
     candidates = [f for f in candidates if not f.name.startswith(("_", "."))]
     if not candidates:
+        hint = nested_tables_hint(p)
+        if hint:  # not empty: its tables are in subdirectories, which would be skipped silently
+            raise DataError(f"{source}: no input files{hint}")
         return []
     out = Path(output_dir).expanduser().resolve() if output_dir else None
     files = discover_files(source, declared_format)

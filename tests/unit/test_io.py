@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,27 @@ def test_discover_directory_glob_and_file(tmp_path: Path) -> None:
     assert len(discover_files(str(tmp_path / "p0.parquet"))) == 1
     with pytest.raises(DataError, match="no input files"):
         discover_files(str(tmp_path / "none*.parquet"))
+
+
+def test_partitioned_directory_names_the_glob_to_use(tmp_path: Path) -> None:
+    """Tables only in subdirectories (dt=.../part.parquet): the error says how to name them,
+    for training and scoring alike; the glob then finds them all."""
+    from tasks.scoring import discover_partitions
+
+    for day in ("dt=2026-01-01", "dt=2026-01-02"):
+        (tmp_path / day).mkdir()
+        frame().to_parquet(tmp_path / day / "part-0.parquet")
+    (tmp_path / "_SUCCESS").write_text("")
+    glob_hint = re.escape(f"use a glob such as '{tmp_path}/*/*.parquet'")
+    with pytest.raises(DataError, match=glob_hint):
+        discover_files(str(tmp_path))
+    with pytest.raises(DataError, match=glob_hint):
+        discover_partitions(str(tmp_path))
+    assert len(discover_files(str(tmp_path / "*" / "*.parquet"))) == 2
+    assert len(discover_partitions(str(tmp_path / "*" / "*.parquet"))) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert discover_partitions(str(empty)) == []  # an empty directory stays a clean no-op
 
 
 def test_good_files_pass(tmp_path: Path) -> None:
