@@ -186,6 +186,24 @@ def dtype_problems(frame: pd.DataFrame, roles: ColumnRoles, path: Path) -> list[
     return problems
 
 
+def numeric_text_problems(frame: pd.DataFrame, roles: ColumnRoles, path: Path) -> list[str]:
+    """Numeric-role columns of a read CSV that hold text which is not a number: the column, the
+    count and the first such value with its row."""
+    problems = []
+    for col in roles.of("numeric"):
+        if col not in frame.columns or pd.api.types.is_numeric_dtype(frame[col].dtype):
+            continue
+        values = frame[col]
+        bad = pd.to_numeric(values, errors="coerce").isna() & values.notna()
+        if bad.any():
+            row = int(bad.to_numpy().argmax())  # the first True
+            problems.append(
+                f"{path}: column {col!r}: {int(bad.sum())} value(s) that are not numbers "
+                f"(e.g. {values.iloc[row]!r} in data row {row + 1})"
+            )
+    return problems
+
+
 def value_problems(
     frame: pd.DataFrame, roles: ColumnRoles, path: Path, *, unique_ids: bool
 ) -> list[str]:
@@ -235,8 +253,12 @@ def check_files(files: Sequence[Path], roles: ColumnRoles, declared: str = "auto
                 continue
             if footer_shows_valid_values(footer.metadata, roles):
                 continue
+        else:
+            # CSV types come from a sample of rows: a number column can hold text further down
+            check_cols += roles.of("numeric")
         frame = read_table(path, check_cols, declared)
         problems.extend(value_problems(frame, roles, path, unique_ids=False))
+        problems.extend(numeric_text_problems(frame, roles, path))
     if problems:
         shown = "\n  ".join(problems[:20])
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""

@@ -1580,7 +1580,9 @@ def read_partition(
         if previous is not None:
             yield _Chunk(part, previous, total, True, started)
     except DataError as exc:
-        yield _Bad(part, str(exc), total or 0, started)
+        # a CSV file's rows are counted only now (a scan), so they are accounted as quarantined
+        rows_in = total if total is not None else _rows_or_zero(path, fmt)
+        yield _Bad(part, str(exc), rows_in, started)
 
 
 def _read_items(

@@ -60,6 +60,22 @@ def test_partitioned_directory_names_the_glob_to_use(tmp_path: Path) -> None:
     assert discover_partitions(str(empty)) == []  # an empty directory stays a clean no-op
 
 
+def test_csv_text_in_a_number_column_past_the_sample_is_named(tmp_path: Path) -> None:
+    """A CSV column's type is guessed from its first rows; text further down is found by the
+    check, which names the file, the column, the value and its row."""
+    good = frame(1500)
+    bad = good.copy()
+    bad["x"] = bad["x"].astype(object)
+    bad.loc[1200, "x"] = "oops"
+    good.to_csv(tmp_path / "a.csv", index=False)
+    bad.to_csv(tmp_path / "b.csv", index=False)
+    check_files([tmp_path / "a.csv"], ROLES)
+    with pytest.raises(DataError, match=r"b\.csv: column 'x': 1 value\(s\) that are not numbers"):
+        check_files([tmp_path / "a.csv", tmp_path / "b.csv"], ROLES)
+    with pytest.raises(DataError, match="'oops' in data row 1201"):
+        check_files([tmp_path / "b.csv"], ROLES)
+
+
 def test_good_files_pass(tmp_path: Path) -> None:
     frame().to_parquet(tmp_path / "a.parquet")
     frame().assign(t=lambda d: d.t.astype(str)).to_csv(tmp_path / "b.csv", index=False)

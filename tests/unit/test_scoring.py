@@ -550,6 +550,24 @@ def test_csv_partitions_score_like_parquet(
     )
 
 
+def test_csv_with_text_in_a_number_column_past_its_sample_is_quarantined_with_its_rows(
+    bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """The column's type shows only when the whole file is read (the schema check samples the
+    first rows): the file is quarantined with the reason, and its rows are accounted as
+    quarantined (they were counted as 0)."""
+    frame = base_frame.iloc[:1500].copy()
+    frame["amount"] = frame["amount"].astype(object)
+    frame.loc[frame.index[1400], "amount"] = "twelve"
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "p.csv"
+    frame.to_csv(path, index=False)
+    (entry,) = score(make_job(bundle_dir, tmp_path / "out"), [partition_of(path)])
+    assert entry.status == "quarantined"
+    assert "'amount'" in entry.reason and "numeric" in entry.reason
+    assert (entry.rows_in, entry.rows_scored, entry.rows_quarantined) == (1500, 0, 1500)
+
+
 def test_empty_partition_is_scored_with_an_empty_output(
     bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
