@@ -160,3 +160,30 @@ def test_mlp_bundle_carries_a_checked_int8_qdq_model(trained) -> None:
     engine = read_bundle_json(Path(mlp.bundle_dir))["tensorrt"]
     assert not engine["built"] and "without a GPU" in engine["reason"]
     assert not list(Path(mlp.bundle_dir).glob("*.plan"))
+
+
+def test_mlp_output_starts_at_the_training_positive_rate() -> None:
+    from tasks.train import build_mlp, prior_log_odds, set_output_bias
+
+    model = build_mlp(5, [8])
+    set_output_bias(model, 0.01)
+    assert float(model[-1].bias.detach()) == pytest.approx(np.log(0.01 / 0.99), rel=1e-6)
+    assert np.isfinite(prior_log_odds(0.0)) and np.isfinite(prior_log_odds(1.0))
+
+
+def test_a_few_mlp_steps_on_rare_positives_rank_better_than_chance(
+    raw_dataset: Path, tmp_path: Path
+) -> None:
+    """Five steps of 4096 rows on ~1% positives. Started from a bias of 0, such early steps only
+    pushed every output down, the unusual rows (the positives) hardest, and the test ranking
+    came out inverted (ROC AUC well below 0.5)."""
+    cfg = builtin_config(
+        raw_dataset,
+        tmp_path / "home",
+        **{"model.mlp.epochs": 1, "model.mlp.batch_size": 4096, "model.int8.enabled": False},
+    )
+    etl = run_etl(cfg, CPU, tmp_path / "home" / "etl")
+    spec, _ = load_transform(etl.transform_dir)
+    args = (etl, spec.feature_names, spec.target_column, cfg.model, CPU)
+    mlp = train_mlp(*args, tmp_path / "mlp", 0)
+    assert mlp.metrics["roc_auc"] > 0.6
