@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -15,6 +16,36 @@ from tasks.numpy_features import transform_raw
 GPU_OK, GPU_WHY = probe_gpu()
 
 CPU = resolve_backend("cpu")
+
+
+def etl_of_table(
+    source: Path,
+    home: Path,
+    frames: str,
+    *,
+    entities: dict[str, str] | None = None,
+    device: str = "cpu",
+    **data: Any,
+) -> EtlOutput:
+    """The ETL of a small test table: `data` is the config's data section besides its source,
+    `entities` maps entity keys to their value columns."""
+    mapping: dict[str, Any] = {
+        "data": {"source": str(source), **data},
+        "home": str(home),
+        "etl_frames": frames,
+    }
+    if entities:
+        mapping["features"] = {"entities": [{"key": k, "value": v} for k, v in entities.items()]}
+    return run_etl(config_from_mapping(mapping), resolve_backend(device), home / "etl")
+
+
+def assert_test_features_equal_the_scoring_transform(out: EtlOutput, id_column: str) -> None:
+    """The test split's feature parquet equals what scoring computes from its raw rows."""
+    spec, lookups = load_transform(out.transform_dir)
+    raw_test = pd.read_parquet(out.raw_test_dir).sort_values(id_column)
+    feats = pd.read_parquet(out.features_dir("test")).sort_values(id_column)
+    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
+    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -101,20 +132,15 @@ def test_user_csv_without_timestamp_uses_stratified_split(
     table["label"] = (table.f1 + rng.normal(scale=0.5, size=n) > 1.2).astype(int)
     table.iloc[: n // 2].to_csv(tmp_path / "part1.csv", index=False)
     table.iloc[n // 2 :].to_csv(tmp_path / "part2.csv", index=False)
-    cfg = config_from_mapping(
-        {
-            "data": {
-                "source": str(tmp_path / "*.csv"),
-                "target": "label",
-                "id": "row",
-                "numeric": ["f1", "f2"],
-                "categorical": ["shop"],
-            },
-            "home": str(tmp_path / "home"),
-            "etl_frames": frames,
-        }
+    out = etl_of_table(
+        tmp_path / "*.csv",
+        tmp_path / "home",
+        frames,
+        target="label",
+        id="row",
+        numeric=["f1", "f2"],
+        categorical=["shop"],
     )
-    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
     rates = {
         s: pd.read_parquet(out.features_dir(s)).label.mean() for s in ("train", "valid", "test")
     }
@@ -391,22 +417,18 @@ def test_string_entity_keys(tmp_path: Path, test_seed: int, frames: str, device:
     table.loc[rng.choice(n, 200, replace=False), "spend"] = np.nan
     table["label"] = (rng.random(n) < 0.2).astype(int)
     table.to_parquet(tmp_path / "part.parquet", index=False)
-    cfg = config_from_mapping(
-        {
-            "data": {
-                "source": str(tmp_path / "*.parquet"),
-                "target": "label",
-                "id": "row",
-                "numeric": ["spend"],
-                "categorical": [],
-            },
-            "features": {"entities": [{"key": "store", "value": "spend"}]},
-            "home": str(tmp_path / "home"),
-            "etl_frames": frames,
-        }
+    out = etl_of_table(
+        tmp_path / "*.parquet",
+        tmp_path / "home",
+        frames,
+        entities={"store": "spend"},
+        device=device,
+        target="label",
+        id="row",
+        numeric=["spend"],
+        categorical=[],
     )
-    out = run_etl(cfg, resolve_backend(device), tmp_path / "home" / "etl")
-    spec, lookups = load_transform(out.transform_dir)
+    _, lookups = load_transform(out.transform_dir)
     lookup = lookups["store"]
     train_ids = pd.read_parquet(out.features_dir("train"))["row"]
     train = table[table.row.isin(train_ids)]
@@ -415,10 +437,7 @@ def test_string_entity_keys(tmp_path: Path, test_seed: int, frames: str, device:
     np.testing.assert_array_equal(lookup["count"], grouped.label.count().to_numpy())
     np.testing.assert_allclose(lookup["mean"], grouped.spend.mean().to_numpy(), rtol=1e-9)
     np.testing.assert_allclose(lookup["std"], grouped.spend.std().to_numpy(), rtol=1e-6)
-    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("row")
-    feats = pd.read_parquet(out.features_dir("test")).sort_values("row")
-    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
-    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
+    assert_test_features_equal_the_scoring_transform(out, "row")
 
 
 @pytest.mark.parametrize("frames", ["dask", "single"])
@@ -449,21 +468,16 @@ def test_category_typed_parquet_columns(tmp_path: Path, test_seed: int, frames: 
             if typed == "category":
                 part = part.astype({"store": "category", "kind": "category"})
             part.to_parquet(source / f"part-{i}.parquet", index=False)
-        cfg = config_from_mapping(
-            {
-                "data": {
-                    "source": str(source / "*.parquet"),
-                    "target": "label",
-                    "id": "row",
-                    "numeric": ["spend"],
-                    "categorical": ["kind"],
-                },
-                "features": {"entities": [{"key": "store", "value": "spend"}]},
-                "home": str(tmp_path / f"home-{typed}"),
-                "etl_frames": frames,
-            }
+        outputs[typed] = etl_of_table(
+            source / "*.parquet",
+            tmp_path / f"home-{typed}",
+            frames,
+            entities={"store": "spend"},
+            target="label",
+            id="row",
+            numeric=["spend"],
+            categorical=["kind"],
         )
-        outputs[typed] = run_etl(cfg, CPU, tmp_path / f"home-{typed}" / "etl")
     cat, plain = outputs["category"], outputs["string"]
     assert cat.rows == plain.rows and sum(cat.rows.values()) == 3000
     cat_spec, cat_lookups = load_transform(cat.transform_dir)
@@ -502,28 +516,19 @@ def test_string_ids_boolean_target_nullable_ints_and_spaced_names(
     table["fraud"] = (rng.random(n) < 0.05 + 0.2 * (table["amount usd"] > 40)).astype(target_type)
     table.iloc[: n // 2].to_parquet(tmp_path / "p0.parquet", index=False)
     table.iloc[n // 2 :].to_parquet(tmp_path / "p1.parquet", index=False)
-    cfg = config_from_mapping(
-        {
-            "data": {
-                "source": str(tmp_path / "*.parquet"),
-                "target": "fraud",
-                "id": "tx id",
-                "timestamp": "when",
-                "numeric": ["amount usd", "visits"],
-                "categorical": ["shop"],
-            },
-            "home": str(tmp_path / "home"),
-            "etl_frames": frames,
-        }
+    out = etl_of_table(
+        tmp_path / "*.parquet",
+        tmp_path / "home",
+        frames,
+        target="fraud",
+        id="tx id",
+        timestamp="when",
+        numeric=["amount usd", "visits"],
+        categorical=["shop"],
     )
-    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
     ids = pd.concat(pd.read_parquet(out.features_dir(s))["tx id"] for s in out.rows)
     assert sorted(ids) == sorted(table["tx id"])  # each row once, in one split
-    spec, lookups = load_transform(out.transform_dir)
-    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("tx id")
-    feats = pd.read_parquet(out.features_dir("test")).sort_values("tx id")
-    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
-    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
+    assert_test_features_equal_the_scoring_transform(out, "tx id")
 
 
 @pytest.mark.parametrize("frames", ["dask", "single"])
@@ -552,21 +557,16 @@ def test_csv_with_boolean_target_timestamp_and_late_missing_integers(
     first = table.iloc[: n // 2].astype({"visits": int})  # written as integers
     first.to_csv(tmp_path / "p0.csv", index=False)
     table.iloc[n // 2 :].to_csv(tmp_path / "p1.csv", index=False)
-    cfg = config_from_mapping(
-        {
-            "data": {
-                "source": str(tmp_path / "*.csv"),
-                "target": "fraud",
-                "id": "row",
-                "timestamp": "when",
-                "numeric": ["visits", "amount"],
-                "categorical": [],
-            },
-            "home": str(tmp_path / "home"),
-            "etl_frames": frames,
-        }
+    out = etl_of_table(
+        tmp_path / "*.csv",
+        tmp_path / "home",
+        frames,
+        target="fraud",
+        id="row",
+        timestamp="when",
+        numeric=["visits", "amount"],
+        categorical=[],
     )
-    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
     assert sum(out.rows.values()) == n
     spec, _ = load_transform(out.transform_dir)
     assert spec.train_positive_rate == pytest.approx(
@@ -597,30 +597,22 @@ def test_nullable_integer_entity_key_and_integer_categories(
     table["y"] = (rng.random(n) < 0.1 + 0.2 * (table.amt > 40)).astype(np.int8)
     table.iloc[: n // 2].to_parquet(tmp_path / "a.parquet", index=False)
     table.iloc[n // 2 :].to_parquet(tmp_path / "b.parquet", index=False)
-    cfg = config_from_mapping(
-        {
-            "data": {
-                "source": str(tmp_path / "*.parquet"),
-                "target": "y",
-                "id": "id",
-                "numeric": ["amt"],
-                "categorical": ["zip"],
-            },
-            "features": {"entities": [{"key": "cust", "value": "amt"}]},
-            "home": str(tmp_path / "home"),
-            "etl_frames": frames,
-        }
+    out = etl_of_table(
+        tmp_path / "*.parquet",
+        tmp_path / "home",
+        frames,
+        entities={"cust": "amt"},
+        target="y",
+        id="id",
+        numeric=["amt"],
+        categorical=["zip"],
     )
-    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
-    spec, lookups = load_transform(out.transform_dir)
+    _, lookups = load_transform(out.transform_dir)
     train = table[table.id.isin(pd.read_parquet(out.features_dir("train")).id)]
     counts = train.dropna(subset=["cust"]).groupby("cust").y.count()
     np.testing.assert_array_equal(lookups["cust"]["key"].astype(np.int64), counts.index)
     np.testing.assert_array_equal(lookups["cust"]["count"], counts.to_numpy())
-    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("id")
-    feats = pd.read_parquet(out.features_dir("test")).sort_values("id")
-    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
-    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
+    assert_test_features_equal_the_scoring_transform(out, "id")
 
 
 @pytest.mark.parametrize("frames", ["dask", "single"])
@@ -644,21 +636,16 @@ def test_time_zone_aware_timestamps(tmp_path: Path, test_seed: int, frames: str)
     table["y"] = (rng.random(n) < 0.1 + 0.2 * (table.amt > 40)).astype(int)
     table.iloc[: n // 2].to_parquet(tmp_path / "a.parquet", index=False)
     table.iloc[n // 2 :].to_parquet(tmp_path / "b.parquet", index=False)
-    cfg = config_from_mapping(
-        {
-            "data": {
-                "source": str(tmp_path / "*.parquet"),
-                "target": "y",
-                "id": "id",
-                "timestamp": "ts",
-                "numeric": ["amt"],
-                "categorical": [],
-            },
-            "home": str(tmp_path / "home"),
-            "etl_frames": frames,
-        }
+    out = etl_of_table(
+        tmp_path / "*.parquet",
+        tmp_path / "home",
+        frames,
+        target="y",
+        id="id",
+        timestamp="ts",
+        numeric=["amt"],
+        categorical=[],
     )
-    out = run_etl(cfg, CPU, tmp_path / "home" / "etl")
     assert sum(out.rows.values()) == n
     ts = table.set_index("id").ts
     split_ids = {s: pd.read_parquet(out.features_dir(s)).id for s in ("train", "valid", "test")}
@@ -667,8 +654,4 @@ def test_time_zone_aware_timestamps(tmp_path: Path, test_seed: int, frames: str)
     hours = time_feature_columns(table.ts.to_numpy(), ["hour"])["hour"]
     local = table.ts.dt.hour.to_numpy(dtype=np.float64, na_value=np.nan)
     np.testing.assert_array_equal(hours, local)  # wall time, not UTC (March: UTC+1 and +2)
-    spec, lookups = load_transform(out.transform_dir)
-    raw_test = pd.read_parquet(out.raw_test_dir).sort_values("id")
-    feats = pd.read_parquet(out.features_dir("test")).sort_values("id")
-    direct = transform_raw(frame_to_raw(raw_test, spec.raw_columns), spec.model_dump(), lookups)
-    np.testing.assert_allclose(feats[spec.feature_names].to_numpy(), direct, rtol=1e-6, atol=1e-6)
+    assert_test_features_equal_the_scoring_transform(out, "id")
