@@ -26,7 +26,7 @@ from kernels.fused_preprocess import is_available as fused_kernels_available
 from kernels.reference import fused_preprocess_reference
 from kernels.string_match import fits as string_match_fits
 from kernels.string_match import pack_keys
-from tasks.numpy_features import ENTITY_STATS, kernel_arrays, raw_column_names
+from tasks.numpy_features import ENTITY_STATS, datetime_values, kernel_arrays, raw_column_names
 
 _US_PER_HOUR = 3_600_000_000
 _US_PER_DAY = 86_400_000_000
@@ -78,10 +78,7 @@ def timestamps_us(series: Any) -> Any:
     if is_cudf(series):
         micros = series.astype("datetime64[us]").astype("int64")
         return micros.values if micros.null_count == 0 else micros.to_cupy(na_value=_NAT)
-    values = np.asarray(series.to_numpy())
-    if not np.issubdtype(values.dtype, np.datetime64):
-        values = values.astype("datetime64[us]")
-    return values.astype("datetime64[us]").astype(np.int64)
+    return datetime_values(series.to_numpy()).astype(np.int64)
 
 
 def time_feature_columns(ts_us: Any, names: Sequence[str], xp: Any) -> dict[str, Any]:
