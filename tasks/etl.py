@@ -162,8 +162,7 @@ def read_raw(files: Sequence[Path], cfg: PipelineConfig, roles: ColumnRoles) -> 
         if cfg.data.timestamp:
             ddf = map_frame(ddf, parse_timestamps, column=cfg.data.timestamp)
         return ddf
-    ddf = dd.read_parquet([str(f) for f in files], columns=cols)
-    return map_frame(ddf, plain_categoricals) if has_categoricals(ddf) else ddf
+    return with_plain_categoricals(dd.read_parquet([str(f) for f in files], columns=cols))
 
 
 def parse_timestamps(part: Any, *, column: str) -> Any:
@@ -177,8 +176,11 @@ def parse_timestamps(part: Any, *, column: str) -> Any:
     return part.assign(**{column: pd.to_datetime(part[column], format="ISO8601")})
 
 
-def has_categoricals(frame: Any) -> bool:
-    return any(str(dtype) == "category" for dtype in frame.dtypes)
+def with_plain_categoricals(frame: Any) -> Any:
+    """The frame (dask or in memory) with `plain_categoricals` applied, where it has any."""
+    if any(str(dtype) == "category" for dtype in frame.dtypes):
+        return map_frame(frame, plain_categoricals)
+    return frame
 
 
 def plain_categoricals(part: Any) -> Any:
@@ -204,8 +206,7 @@ def read_raw_frame(
     gives them (the fitted spec records them).
     """
     if backend.device == "gpu" and not is_csv_input(files, cfg):
-        frame = read_parquet_files([str(f) for f in files], roles.columns)
-        return plain_categoricals(frame) if has_categoricals(frame) else frame
+        return with_plain_categoricals(read_parquet_files([str(f) for f in files], roles.columns))
     return read_raw(files, cfg, roles).compute()
 
 
