@@ -45,11 +45,18 @@ def resolve_backend_task(device: str) -> str:
     return backend.device
 
 
-def _etl_cache_key(_ctx: Any, params: dict[str, Any]) -> str:
+def _etl_cache_key(_ctx: Any, params: dict[str, Any]) -> str | None:
+    """The input fingerprint and when its output was written; None (run, do not cache) while
+    there is no output. A key of the fingerprint alone outlived a deleted output: the cached
+    result then named files that no longer existed, and training failed on them."""
     cfg: PipelineConfig = config_with_overrides(params["config_path"], params["overrides"])
     files = discover_files(cfg.data.source, cfg.data.format)
     backend = resolve_backend(params["device"])
-    return f"etl-{etl_fingerprint(files, cfg, backend)}"
+    fingerprint = etl_fingerprint(files, cfg, backend)
+    done = HomeLayout(cfg.home_path).etl_root / fingerprint / "etl.json"
+    if not done.is_file():
+        return None
+    return f"etl-{fingerprint}-{done.stat().st_mtime_ns}"
 
 
 @task(

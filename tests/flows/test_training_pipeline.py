@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,6 +110,29 @@ def test_etl_is_cached_by_input_fingerprint(
     _, second = twice()
     assert second == "Cached"
     assert summary["data_fingerprint"] in json.dumps(summary)
+
+
+def test_a_deleted_etl_output_is_made_again_not_taken_from_the_cache(
+    raw_dataset: Path, tmp_path: Path
+) -> None:
+    from prefect import flow
+
+    from tasks.prefect_tasks import etl_task
+
+    config = str(write_config(tmp_path, raw_dataset))
+
+    @flow
+    def etl_once() -> tuple[str, dict]:
+        state = etl_task(config, {}, "cpu", return_state=True)
+        return state.name, state.result()
+
+    etl_once()
+    _, cached = etl_once()  # the output exists: cached from here on
+    shutil.rmtree(tmp_path / "home" / "etl")
+    name, again = etl_once()
+    assert name != "Cached"
+    assert again == cached
+    assert (Path(again["root"]) / "etl.json").is_file()
 
 
 def test_cli_run_on_builtin_dataset(tmp_path: Path) -> None:
