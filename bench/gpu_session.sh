@@ -127,7 +127,7 @@ print('gpus', cupy.cuda.runtime.getDeviceCount())"
       --out "$out/profile_gpu_etl_write.json"
     ;;
   etl_write_streams)  # the ETL's feature write as now vs files written on threads with their
-    # own CUDA streams (3, 6, 12), and the device-to-host copy bound, same table, one process
+    # own CUDA streams (3, 6, 10), and the device-to-host copy bound, same table, one process
     part profile_gpu_etl_write_streams $py bench/profile_gpu_etl_write.py --rows "$rows" \
       --only "as the ETL writes,own streams,splits in 3 threads,bound: copy to host" \
       --out "$out/profile_gpu_etl_write_streams.json"

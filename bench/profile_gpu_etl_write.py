@@ -144,27 +144,19 @@ def main() -> None:
             list(pool.map(one, tasks))
 
     def own_streams(root: Path, threads: int) -> None:
-        """Each split in files of about rows / threads rows, one file per task on `threads`
-        threads, each encoding on its own CUDA stream (`tasks.gpu_io.write_parquet_on_stream`,
-        as scoring's writers do): the encodes, device-to-host copies and file writes of
-        different files can overlap, where cuDF's `to_parquet` queues them all on the legacy
-        default stream."""
-        from tasks.gpu_io import write_parquet_on_stream
+        """The splits as files of about rows / threads rows on `threads` threads, each encoding
+        on its own CUDA stream, as the ETL writes since the thirteenth session
+        (`tasks.gpu_io.write_parquet_dirs_on_streams`): the files' encodes, device-to-host
+        copies and file writes overlap, where cuDF's `to_parquet` queues them one after another
+        on the legacy default stream."""
+        from tasks.gpu_io import write_parquet_dirs_on_streams
 
-        chunk = -(-args.rows // threads)
-        tasks = []
-        for code, s in enumerate(SPLITS):
-            (root / s).mkdir(parents=True, exist_ok=True)
-            start, stop = offsets[code], offsets[code + 1]
-            for i, a in enumerate(range(start, stop, chunk)):
-                tasks.append((a, min(a + chunk, stop), root / s / f"part.{i}.parquet"))
-
-        def one(task: tuple[int, int, Path]) -> None:
-            a, b, path = task
-            write_parquet_on_stream(by_split, [a, b], [path], "snappy")
-
-        with ThreadPoolExecutor(threads, thread_name_prefix=f"etl-write-{threads}") as pool:
-            list(pool.map(one, tasks))
+        write_parquet_dirs_on_streams(
+            {root / s: frame for s, frame in parts.items()},
+            files=threads,
+            min_rows_per_file=1,
+            compression="snappy",
+        )
 
     big_row_groups = {"row_group_size_rows": 5_000_000, "row_group_size_bytes": 1 << 30}
     big_pages = {"max_page_size_rows": 1_000_000, "max_page_size_bytes": 8 << 20}
@@ -218,7 +210,7 @@ def main() -> None:
         ("one call, partition_offsets", args.work, one_call),
         ("own streams: files on 3 threads", args.work, lambda r: own_streams(r, 3)),
         ("own streams: files on 6 threads", args.work, lambda r: own_streams(r, 6)),
-        ("own streams: files on 12 threads", args.work, lambda r: own_streams(r, 12)),
+        ("own streams: files on 10 threads", args.work, lambda r: own_streams(r, 10)),
         ("bound: copy to host only", args.work, copy_only),
         ("bound: copy into pinned host buffers", args.work, copy_pinned),
         ("bound: copy + raw host file write", args.work, host_bounds),

@@ -739,7 +739,7 @@ def _run_etl(
     background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpupipe-etl-io")
     try:
         raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
-        raw_test_written = background.submit(write_parquet_dir, raw_test, root / "raw_test")
+        raw_test_written = background.submit(write_split_dirs, {root / "raw_test": raw_test})
         train = raw[raw[SPLIT_COLUMN] == 0]
         n_train, pos_train = computed(train[d.target].count(), train[d.target].sum())
         n_train = int(n_train)
@@ -809,9 +809,14 @@ def _run_etl(
 
         clock("writing feature parquet")
         matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
-        for code, split in enumerate(SPLITS):
-            part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
-            write_parquet_dir(part, root / "features" / split)
+        write_split_dirs(
+            {
+                root / "features" / split: matrix[matrix[SPLIT_COLUMN] == code].drop(
+                    columns=[SPLIT_COLUMN]
+                )
+                for code, split in enumerate(SPLITS)
+            }
+        )
         counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
         rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
         raw_test_written.result()
@@ -824,6 +829,30 @@ def _run_etl(
         json.dumps({**out.to_json(), "root": None, "stage_seconds": timings}, indent=2)
     )
     return out
+
+
+# The in-memory GPU ETL writes its outputs (the feature splits, the raw test split) as files of
+# at least this many rows from this many threads, each on its own CUDA stream
+# (docs/benchmarks.md, thirteenth session).
+FEATURE_WRITE_FILES = 6
+FEATURE_WRITE_MIN_ROWS = 1_000_000
+
+
+def write_split_dirs(frames: Mapping[Path, Any]) -> None:
+    """Each frame into its directory: in-memory cuDF frames through
+    `write_parquet_dirs_on_streams`, dask partitions and pandas frames as `write_parquet_dir`."""
+    if all(is_cudf(f) for f in frames.values()):
+        from tasks.gpu_io import write_parquet_dirs_on_streams
+
+        write_parquet_dirs_on_streams(
+            frames,
+            files=FEATURE_WRITE_FILES,
+            min_rows_per_file=FEATURE_WRITE_MIN_ROWS,
+            compression="snappy",
+        )
+        return
+    for directory, frame in frames.items():
+        write_parquet_dir(frame, directory)
 
 
 def _frame_matrix(frame: Any, names: Sequence[str]) -> Any:
