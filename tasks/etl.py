@@ -386,7 +386,19 @@ def entity_value_columns(part: Any, *, value: str) -> Any:
     x = column_values(part[value], np.float64, np.nan)
     present = ~xp.isnan(x)
     x = xp.where(present, x, 0.0)
-    return part.assign(**{value: x, SQUARE_COLUMN: x * x, PRESENT_COLUMN: present.astype(xp.int32)})
+    made = {value: x, SQUARE_COLUMN: x * x, PRESENT_COLUMN: present.astype(xp.int32)}
+    if not is_cudf(part):
+        return part.assign(**made)
+    import cudf
+
+    # cuDF's `assign` of CuPy arrays scans each float array for NaN (a device wait per column,
+    # 60 ms of the GPU ETL's 20M rows); these have none left. The rows keep their order under
+    # a fresh RangeIndex, which the grouping does not use.
+    out = cudf.DataFrame(made, nan_as_null=False)
+    for c in part.columns:
+        if c != value:
+            out[c] = part[c].reset_index(drop=True)
+    return out[[*part.columns, SQUARE_COLUMN, PRESENT_COLUMN]]
 
 
 def fit_entity(
@@ -739,7 +751,7 @@ def _run_etl(
     background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpupipe-etl-io")
     try:
         raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
-        raw_test_written = background.submit(write_split_dirs, {root / "raw_test": raw_test})
+        raw_test_written = background.submit(write_parquet_dir, raw_test, root / "raw_test")
         train = raw[raw[SPLIT_COLUMN] == 0]
         n_train, pos_train = computed(train[d.target].count(), train[d.target].sum())
         n_train = int(n_train)
@@ -809,14 +821,9 @@ def _run_etl(
 
         clock("writing feature parquet")
         matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
-        write_split_dirs(
-            {
-                root / "features" / split: matrix[matrix[SPLIT_COLUMN] == code].drop(
-                    columns=[SPLIT_COLUMN]
-                )
-                for code, split in enumerate(SPLITS)
-            }
-        )
+        for code, split in enumerate(SPLITS):
+            part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
+            write_parquet_dir(part, root / "features" / split)
         counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
         rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
         raw_test_written.result()
@@ -829,30 +836,6 @@ def _run_etl(
         json.dumps({**out.to_json(), "root": None, "stage_seconds": timings}, indent=2)
     )
     return out
-
-
-# The in-memory GPU ETL writes its outputs (the feature splits, the raw test split) as files of
-# at least this many rows from this many threads, each on its own CUDA stream
-# (docs/benchmarks.md, thirteenth session).
-FEATURE_WRITE_FILES = 6
-FEATURE_WRITE_MIN_ROWS = 1_000_000
-
-
-def write_split_dirs(frames: Mapping[Path, Any]) -> None:
-    """Each frame into its directory: in-memory cuDF frames through
-    `write_parquet_dirs_on_streams`, dask partitions and pandas frames as `write_parquet_dir`."""
-    if all(is_cudf(f) for f in frames.values()):
-        from tasks.gpu_io import write_parquet_dirs_on_streams
-
-        write_parquet_dirs_on_streams(
-            frames,
-            files=FEATURE_WRITE_FILES,
-            min_rows_per_file=FEATURE_WRITE_MIN_ROWS,
-            compression="snappy",
-        )
-        return
-    for directory, frame in frames.items():
-        write_parquet_dir(frame, directory)
 
 
 def _frame_matrix(frame: Any, names: Sequence[str]) -> Any:

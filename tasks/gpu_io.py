@@ -18,8 +18,7 @@ finished (`GpuEngine.score_batch` synchronises the default stream before it retu
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -136,44 +135,3 @@ def write_parquet_on_stream(
         stream = thread_stream()
         plc.io.parquet.write_parquet(options, stream=stream)
         stream.synchronize()
-
-
-def write_parquet_dirs_on_streams(
-    frames: Mapping[Path, Any], *, files: int, min_rows_per_file: int, compression: str
-) -> None:
-    """Each cuDF frame written into its directory (made if missing) as `part.<i>.parquet` files
-    of consecutive rows, in row order, from `files` threads that each encode on their own stream.
-
-    Rows per file: the frames' total rows over `files`, at least `min_rows_per_file`, so small
-    frames stay one file. cuDF's `to_parquet` runs one file's encode, device-to-host copy and
-    file write after another on the legacy default stream, and its single thread faults in every
-    page of the fresh host buffers; here the files' copies and writes overlap. The frames must be
-    complete on the legacy default stream, which is synchronised first. An empty frame is
-    written by cuDF as one file holding only the schema, as `write_parquet_dir` does.
-    """
-    if not 1 <= files <= 10:  # part.<i> names sort in row order only with one digit
-        raise ValueError(f"files must be between 1 and 10, got {files}")
-    import cupy
-
-    total = sum(len(f) for f in frames.values())
-    rows_per_file = max(-(-total // files), min_rows_per_file, 1)
-    jobs: list[tuple[Any, int, int, Path]] = []
-    for directory, frame in frames.items():
-        directory.mkdir(parents=True, exist_ok=True)
-        if len(frame) == 0:
-            frame.to_parquet(directory / "part.0.parquet", index=False)
-            continue
-        for i, start in enumerate(range(0, len(frame), rows_per_file)):
-            stop = min(start + rows_per_file, len(frame))
-            jobs.append((frame, start, stop, directory / f"part.{i}.parquet"))
-    cupy.cuda.runtime.deviceSynchronize()  # the frames' own work is done before other streams read
-
-    def write(job: tuple[Any, int, int, Path]) -> None:
-        frame, start, stop, path = job
-        write_parquet_on_stream(frame, [start, stop], [path], compression)
-
-    # named after the calling thread: two callers at once write on streams of their own
-    prefix = f"gpupipe-write-{threading.current_thread().name}"
-    with ThreadPoolExecutor(min(files, len(jobs)) or 1, thread_name_prefix=prefix) as pool:
-        for done in [pool.submit(write, job) for job in jobs]:
-            done.result()

@@ -312,9 +312,9 @@ def raw_bytes(files: Sequence[Path], columns: Sequence[str]) -> int:
         if path.suffix.lower() == ".csv":
             total += path.stat().st_size
             continue
-        try:
-            meta = read_footer(path).metadata
-        except DataError:  # unreadable here: the file's size, and the ETL's read reports it
+        try:  # the metadata alone: `read_footer`'s pandas schema is not needed here
+            meta = pq.read_metadata(path)
+        except Exception:  # unreadable here: the file's size, and the ETL's read reports it
             total += path.stat().st_size
             continue
         rows = meta.num_rows

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.backend import probe_gpu
-from tasks.gpu_io import write_parquet_dirs_on_streams, write_parquet_on_stream
+from tasks.gpu_io import write_parquet_on_stream
 
 GPU_OK, GPU_WHY = probe_gpu()
 
@@ -27,17 +27,6 @@ def test_write_refuses_offsets_that_do_not_cover_the_paths(
     paths = [tmp_path / f"{i}.parquet" for i in range(n_paths)]
     with pytest.raises(ValueError, match="non-decreasing row offsets"):
         write_parquet_on_stream(None, offsets, paths, "snappy")
-    assert list(tmp_path.iterdir()) == []
-
-
-@pytest.mark.parametrize("files", [0, 11])
-def test_dirs_writer_refuses_file_counts_whose_names_would_not_sort(
-    files: int, tmp_path: Path
-) -> None:
-    with pytest.raises(ValueError, match="between 1 and 10"):
-        write_parquet_dirs_on_streams(
-            {tmp_path / "a": None}, files=files, min_rows_per_file=1, compression="snappy"
-        )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -162,38 +151,3 @@ def test_is_key_on_stream_agrees_with_cudf(case: str, test_seed: int) -> None:
     i, j = rng.choice(len(big), 2, replace=False)
     big.iloc[int(i)] = big.iloc[int(j)]
     assert is_key_on_stream(big) is False
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
-@pytest.mark.parametrize(
-    ("files", "min_rows", "want_files"), [(4, 1, [3, 2, 1, 1]), (4, 10**6, [1, 1, 1, 1])]
-)
-def test_dirs_writer_splits_frames_into_ordered_files(
-    files: int, min_rows: int, want_files: list[int], tmp_path: Path, test_seed: int
-) -> None:
-    """Frames of 2500, 1000, 0 and 1 rows. 4 files for 3501 rows is 876 rows per file, so 3, 2,
-    1 and 1 files; at 10**6 rows per file one file each. Each directory reads back as cuDF's own
-    writer writes the frame: same rows in the same order, same types; the empty frame keeps its
-    schema."""
-    import cudf
-
-    rng = np.random.default_rng(test_seed)
-    sizes = [2500, 1000, 0, 1]
-    frames = {}
-    start = 0
-    for i, n in enumerate(sizes):
-        frames[tmp_path / f"split-{i}"] = cudf.from_pandas(raw_frame(rng, n, start))
-        start += n
-    write_parquet_dirs_on_streams(
-        frames, files=files, min_rows_per_file=min_rows, compression="snappy"
-    )
-    for (directory, frame), n_files in zip(frames.items(), want_files, strict=True):
-        written = sorted(p.name for p in directory.iterdir())
-        assert written == [f"part.{i}.parquet" for i in range(n_files)]
-        got = pd.concat([pd.read_parquet(directory / name) for name in written], ignore_index=True)
-        reference = tmp_path / f"{directory.name}-cudf.parquet"
-        frame.to_parquet(reference, index=False)
-        want = pd.read_parquet(reference)
-        assert len(want) == len(frame)
-        pd.testing.assert_frame_equal(got, want)
