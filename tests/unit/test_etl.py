@@ -11,6 +11,7 @@ from tasks.backend import probe_gpu, resolve_backend
 from tasks.bundle import frame_to_raw
 from tasks.config import builtin_config, config_from_mapping
 from tasks.etl import EtlOutput, load_transform, run_etl
+from tasks.io import DataError
 from tasks.numpy_features import transform_raw
 
 GPU_OK, GPU_WHY = probe_gpu()
@@ -655,3 +656,40 @@ def test_time_zone_aware_timestamps(tmp_path: Path, test_seed: int, frames: str)
     local = table.ts.dt.hour.to_numpy(dtype=np.float64, na_value=np.nan)
     np.testing.assert_array_equal(hours, local)  # wall time, not UTC (March: UTC+1 and +2)
     assert_test_features_equal_the_scoring_transform(out, "id")
+
+
+@pytest.mark.parametrize("frames", ["dask", "single"])
+@pytest.mark.parametrize("problem", ["unreadable", "text_target"])
+def test_input_check_beside_the_read_reports_the_file_and_writes_nothing(
+    tmp_path: Path, test_seed: int, frames: str, problem: str
+) -> None:
+    """The input check runs beside the read: a bad file still fails the ETL with the check's
+    error naming the file (and column), whether or not the read fails first, and no output or
+    temporary directory is left."""
+    rng = np.random.default_rng(test_seed)
+    n = 500
+    good = pd.DataFrame(
+        {"row": np.arange(n), "x": rng.normal(size=n), "label": (rng.random(n) < 0.3).astype(int)}
+    )
+    good.to_parquet(tmp_path / "a.parquet", index=False)
+    bad = tmp_path / "b.parquet"
+    if problem == "unreadable":
+        bad.write_bytes(b"PAR1 this is not a parquet file")
+        want = r"b\.parquet: unreadable parquet file"
+    else:
+        bad_rows = good.assign(row=good.row + n, label=good.label.map({0: "no", 1: "yes"}))
+        bad_rows.to_parquet(bad, index=False)
+        want = r"b\.parquet: column 'label'"
+    with pytest.raises(DataError, match=want):
+        etl_of_table(
+            tmp_path / "*.parquet",
+            tmp_path / "home",
+            frames,
+            target="label",
+            id="row",
+            numeric=["x"],
+            categorical=[],
+            timestamp=None,
+        )
+    etl_root = tmp_path / "home" / "etl"
+    assert not etl_root.exists() or not any(etl_root.rglob("*.parquet"))
