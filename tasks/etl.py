@@ -13,7 +13,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -670,16 +670,11 @@ def run_etl(
         progress(f"ETL output for fingerprint {fingerprint} exists, reusing it")
         return EtlOutput.load(root)
     progress(f"checking {len(files)} input file(s)")
+    check_files(files, roles, cfg.data.format)
     tmp = out_root / f".{fingerprint}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    # the input check (footers, and columns the footers cannot prove) runs beside the read;
-    # nothing is computed or written before it has passed
-    with (
-        ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpupipe-etl-check") as pool,
-        dask.config.set({"dataframe.backend": backend.dataframe_backend}),
-    ):
-        checked = pool.submit(check_files, files, roles, cfg.data.format)
-        _run_etl(cfg, backend, files, roles, fingerprint, tmp, progress, checked)
+    with dask.config.set({"dataframe.backend": backend.dataframe_backend}):
+        _run_etl(cfg, backend, files, roles, fingerprint, tmp, progress)
     shutil.rmtree(root, ignore_errors=True)
     tmp.rename(root)
     return EtlOutput.load(root)
@@ -714,10 +709,7 @@ def _run_etl(
     fingerprint: str,
     root: Path,
     progress: Callable[[str], None],
-    checked: Future[None],
 ) -> EtlOutput:
-    """The ETL into `root`. `checked` is the input check running beside the read: it is waited
-    for before anything else, and its error (naming file and column) wins over the read's."""
     d, fcfg, s = cfg.data, cfg.features, cfg.split
     clock = StageClock(progress)
     clock("reading")
@@ -733,12 +725,7 @@ def _run_etl(
     progress(f"ETL table: {'one in-memory frame' if single else 'dask partitions'} ({why})")
     if single and backend.device == "gpu" and use_async_device_memory():
         progress("ETL device memory: cudaMallocAsync pool (RMM)")
-    try:
-        raw = read_raw_frame(files, cfg, roles, backend) if single else read_raw(files, cfg, roles)
-    except Exception:
-        checked.result()  # a file the check rejects: its error says which and why
-        raise
-    checked.result()
+    raw = read_raw_frame(files, cfg, roles, backend) if single else read_raw(files, cfg, roles)
     clock("splitting")
     cuts = (
         time_cuts(raw, d.timestamp, d.id, s.valid_fraction, s.test_fraction, s.seed)

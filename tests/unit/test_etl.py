@@ -660,12 +660,12 @@ def test_time_zone_aware_timestamps(tmp_path: Path, test_seed: int, frames: str)
 
 @pytest.mark.parametrize("frames", ["dask", "single"])
 @pytest.mark.parametrize("problem", ["unreadable", "text_target"])
-def test_input_check_beside_the_read_reports_the_file_and_writes_nothing(
+def test_bad_input_file_is_named_by_the_check_and_nothing_is_written(
     tmp_path: Path, test_seed: int, frames: str, problem: str
 ) -> None:
-    """The input check runs beside the read: a bad file still fails the ETL with the check's
-    error naming the file (and column), whether or not the read fails first, and no output or
-    temporary directory is left."""
+    """A bad file fails the ETL with the input check's error naming the file (and column), not
+    with the reader's own error (an unreadable file would fail the read too), and no parquet
+    output is left."""
     rng = np.random.default_rng(test_seed)
     n = 500
     good = pd.DataFrame(
