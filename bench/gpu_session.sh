@@ -25,7 +25,7 @@
 #   OLD_TREE=dir bash bench/gpu_session.sh transform_kernels  # string lookup and drift kernels
 #   OLD_TREE=dir bash bench/gpu_session.sh etl_ab  # GPU ETL: this code vs another's, steps, cProfile
 #   bash bench/gpu_session.sh etl_rounds  # ETL alone, GPU vs 16-core CPU, ROUNDS rounds, one cluster
-#   bash bench/gpu_session.sh etl_write_streams  # feature write: now vs own-stream threads (not run yet)
+#   bash bench/gpu_session.sh etl_write_streams  # feature write: now vs own-stream threads (no gain)
 # Expects the staged wheels installed into /tmp/site (../shared/tools/gpu-wheels). Every step
 # writes its logs and JSON under $OUT and goes on past a failing part, so one call says it all.
 set -uo pipefail
