@@ -224,10 +224,18 @@ def value_problems(
         ids = frame[col]
         if ids.isna().all():
             problems.append(f"{path}: column {col!r}: all ids are null")
-        elif unique_ids and ids.duplicated().any():
-            dup = ids[ids.duplicated()].iloc[0]
+            continue
+        if not unique_ids:
+            continue
+        # A missing id is a bad value in a row, scored like the others; only ids that are
+        # there count as repeated (two missing ids are not the same id).
+        present = ids.dropna()
+        repeated = present.duplicated()
+        if repeated.any():
+            dup = present[repeated].iloc[0]
+            dup = dup.item() if hasattr(dup, "item") else dup  # 601, not np.int64(601)
             problems.append(
-                f"{path}: column {col!r}: {int(ids.duplicated().sum())} duplicate ids (e.g. {dup!r})"
+                f"{path}: column {col!r}: {int(repeated.sum())} duplicate ids (e.g. {dup!r})"
             )
     return problems
 

@@ -488,6 +488,40 @@ def test_bad_partitions_are_quarantined_with_reason(
     assert len(outputs(out)) == 1000 and hidden_files(out) == []
 
 
+@pytest.mark.parametrize(("partition_rows", "missing"), [(1_000_000, 1), (1_000_000, 3), (400, 3)])
+def test_rows_with_a_missing_id_are_scored_and_repeated_ids_still_quarantine(
+    partition_rows: int,
+    missing: int,
+    bundle_dir: Path,
+    bundle: LoadedBundle,
+    base_frame: pd.DataFrame,
+    tmp_path: Path,
+) -> None:
+    """A missing id is a bad value in its row: the row is scored (never dropped) with no id,
+    however many rows lack one; several missing ids are not duplicates of each other. A
+    repeated id that is there still quarantines the file, with that id as the example."""
+    frame = base_frame.iloc[:1000].copy()
+    frame["transaction_id"] = frame["transaction_id"].astype("Int64")
+    frame.loc[frame.index[10 : 10 + missing], "transaction_id"] = pd.NA
+    (part,) = write_parts(frame, tmp_path / "in", 1, row_group_size=300)
+    repeated = frame.copy()
+    repeated.loc[repeated.index[500], "transaction_id"] = repeated["transaction_id"].iloc[600]
+    bad_path = tmp_path / "in" / "repeated.parquet"
+    repeated.to_parquet(bad_path, index=False)
+    out = tmp_path / "out"
+    job = make_job(bundle_dir, out, partition_rows=partition_rows)
+    entries = {e.input: e for e in score(job, [part, partition_of(bad_path)])}
+    scored, bad = entries[part.path], entries[str(bad_path.resolve())]
+    assert (scored.status, scored.rows_in, scored.rows_scored) == ("scored", 1000, 1000)
+    got = outputs(out)
+    assert len(got) == 1000 and int(got["transaction_id"].isna().sum()) == missing
+    want = bundle.predict_raw(frame_to_raw(frame, bundle.spec.raw_columns))
+    np.testing.assert_allclose(got["score"].to_numpy(), want, rtol=0, atol=1e-7)
+    assert bad.status == "quarantined" and bad.rows_quarantined == 1000
+    want_reason = f"1 duplicate ids (e.g. {int(frame['transaction_id'].iloc[600])})"
+    assert want_reason in str(bad.reason)
+
+
 def test_bad_values_are_scored_the_way_training_defined(
     bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
@@ -916,7 +950,7 @@ def test_integer_ids_with_nulls_are_read_file_by_file(
     parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 1000])
     with_nulls = pq.read_table(parts[1].path)
     ids = with_nulls.column("transaction_id").to_pylist()
-    ids[0] = None  # one: several nulls count as duplicate ids
+    ids[0] = ids[5] = ids[9] = None  # missing ids are scored; they are not repeats of each other
     pq.write_table(
         with_nulls.set_column(0, "transaction_id", pa.array(ids, pa.int64())), parts[1].path
     )
