@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 
 from tasks import registry, scoring
 from tasks.backend import resolve_backend
+from tasks.bundle import check_scorer
 from tasks.cluster import cluster_address, dask_client
 from tasks.config import ClusterConfig
 from tasks.prefect_tasks import resolve_backend_task
@@ -224,6 +225,7 @@ def batch_scoring(
         result, bundle_dir = None, None
         if todo:
             bundle_dir = download_model_task(cfg.tracking_uri, ref, out)
+            check_scorer(Path(bundle_dir), scorer)  # before any worker would fail on it
             job = scoring.ScoringJob(
                 bundle_dir=bundle_dir,
                 model_name=ref.name,

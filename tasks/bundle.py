@@ -114,22 +114,37 @@ class LoadedBundle:
         return self.scorer.predict_proba(self.features(raw))
 
 
+def scorer_mismatch(directory: Path, meta: Mapping[str, Any], kind: str) -> str | None:
+    """Why the `kind` of scorer cannot score this bundle, or None when it can: `xgboost` needs
+    an XGBoost bundle, `onnx` scores any bundle (every bundle carries its ONNX model)."""
+    if kind not in ("xgboost", "onnx"):
+        return f"unknown scorer {kind!r} (expected 'xgboost' or 'onnx')"
+    if kind == "xgboost" and meta["kind"] != "xgboost":
+        return (
+            f"{directory}: scorer 'xgboost' needs an XGBoost bundle, this one is "
+            f"{meta['kind']!r}; use scorer 'onnx'"
+        )
+    return None
+
+
+def check_scorer(directory: Path, kind: str) -> None:
+    """Raise ValueError when the `kind` of scorer cannot score the bundle in `directory` (checked
+    on the driver before any worker loads it)."""
+    problem = scorer_mismatch(directory, read_bundle_json(directory), kind)
+    if problem is not None:
+        raise ValueError(problem)
+
+
 def load_scorer(
     directory: Path, meta: Mapping[str, Any], kind: ScorerKind, device: str = "cpu"
 ) -> Scorer:
     """The in-process scorer of a bundle; `xgboost` needs an XGBoost bundle."""
+    problem = scorer_mismatch(directory, meta, kind)
+    if problem is not None:
+        raise ValueError(problem)
     if kind == "xgboost":
-        if meta["kind"] != "xgboost":
-            raise ValueError(
-                f"{directory}: scorer 'xgboost' needs an XGBoost bundle, this one is {meta['kind']!r}; "
-                "use scorer 'onnx'"
-            )
         return XGBoostScorer.load(directory / meta["native_file"], device=device)
-    if kind == "onnx":
-        return OnnxScorer.load(
-            directory / meta["onnx_file"], meta["onnx_input"], meta["onnx_output"]
-        )
-    raise ValueError(f"unknown scorer {kind!r} (expected 'xgboost' or 'onnx')")
+    return OnnxScorer.load(directory / meta["onnx_file"], meta["onnx_input"], meta["onnx_output"])
 
 
 def frame_to_raw(frame: Any, columns: list[str]) -> dict[str, npt.NDArray[Any]]:

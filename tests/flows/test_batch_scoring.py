@@ -154,6 +154,37 @@ def test_new_champion_rescores_and_a_pinned_version_works(
     ) == {v1.version}
 
 
+def test_a_scorer_that_cannot_score_the_bundle_fails_before_any_worker_runs(
+    scoring_setup: ScoringSetup, dask_address: str, tmp_path: Path
+) -> None:
+    """The XGBoost scorer asked for a bundle of another kind: the flow fails on the driver with
+    the bundle check's own error, not with every worker task failing, and writes nothing. (The
+    bundle is the trained XGBoost bundle with its kind relabelled `mlp` in bundle.json: the
+    check reads only the kind.)"""
+    import json
+    import shutil
+
+    relabelled = tmp_path / "bundle-mlp-kind"
+    shutil.copytree(scoring_setup.bundles[0], relabelled)
+    meta = json.loads((relabelled / "bundle.json").read_text())
+    (relabelled / "bundle.json").write_text(json.dumps({**meta, "kind": "mlp"}))
+    name = "relabelled-mlp"
+    scoring_setup.register(name, relabelled, "champion")
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="scorer 'xgboost' needs an XGBoost bundle") as raised:
+        run_flow(scoring_setup, out, model_uri=f"models:/{name}@champion", cluster=dask_address)
+    assert "task(s) failed" not in str(raised.value)
+    assert list(out.glob("*.parquet")) == [] and all_entries(str(out)) == []
+    onnx = run_flow(
+        scoring_setup,
+        out,
+        model_uri=f"models:/{name}@champion",
+        scorer="onnx",
+        cluster=dask_address,
+    )
+    assert onnx["rows"]["scored"] == INPUT_ROWS
+
+
 def test_onnx_scorer(scoring_setup: ScoringSetup, dask_address: str, tmp_path: Path) -> None:
     summary = run_flow(scoring_setup, tmp_path / "out", scorer="onnx", cluster=dask_address)
     assert summary["scorer"] == "onnx" and summary["rows"]["scored"] == INPUT_ROWS
