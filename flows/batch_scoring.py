@@ -28,12 +28,18 @@ from tasks.backend import resolve_backend
 from tasks.bundle import check_scorer
 from tasks.cluster import cluster_address, dask_client
 from tasks.config import ClusterConfig
-from tasks.prefect_tasks import resolve_backend_task
+from tasks.prefect_tasks import resolve_backend_task, worth_retrying
 from tasks.spec import TransformSpec
 from tasks.train import TRANSFORM_DIR
 
 
-@task(name="resolve-model", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+@task(
+    name="resolve-model",
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def resolve_model_task(tracking_uri: str, model_uri: str) -> registry.ModelRef:
     ref = registry.resolve_model_uri(tracking_uri, model_uri)
     get_run_logger().info("model %s is %s version %s", model_uri, ref.name, ref.version)
@@ -65,7 +71,13 @@ def plan_scoring_task(
     return todo, len(done)
 
 
-@task(name="download-model", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(
+    name="download-model",
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def download_model_task(tracking_uri: str, ref: registry.ModelRef, output_dir: str) -> str:
     """Into the output directory, which every worker must see anyway."""
     dest = Path(output_dir) / scoring.MODELS_DIR
@@ -73,7 +85,13 @@ def download_model_task(tracking_uri: str, ref: registry.ModelRef, output_dir: s
 
 
 # Retried once: a rerun skips every file the first attempt committed.
-@task(name="score-partitions", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(
+    name="score-partitions",
+    retries=1,
+    retry_delay_seconds=10,
+    retry_condition_fn=worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def score_partitions_task(
     job: scoring.ScoringJob,
     todo: list[scoring.InputPartition],

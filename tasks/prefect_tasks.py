@@ -12,14 +12,40 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import registry
-from tasks.backend import resolve_backend
+from tasks.backend import BackendError, resolve_backend
 from tasks.config import PipelineConfig
 from tasks.etl import EtlOutput, etl_fingerprint, run_etl
 from tasks.io import discover_files
 from tasks.pipeline import HomeLayout, config_with_overrides, write_builtin_config
 
+# Failures that a retry cannot cure: bad input, config or model references (DataError,
+# ConfigError and the registry's lookups are ValueErrors), a missing GPU, programming errors.
+PERMANENT_FAILURES: tuple[type[BaseException], ...] = (
+    ValueError,
+    LookupError,
+    TypeError,
+    NotImplementedError,
+    BackendError,
+)
 
-@task(name="prepare-config", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+
+def worth_retrying(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect `retry_condition_fn`: retry a failed run unless it failed for good (a
+    PERMANENT_FAILURES exception), so a wrong model name or a bad input file fails at once
+    instead of after its retries' delays. File, database and network errors still retry."""
+    failure = state.data
+    if not isinstance(failure, BaseException):  # a result record: the exception it holds
+        failure = state.result(raise_on_failure=False)
+    return not isinstance(failure, PERMANENT_FAILURES)
+
+
+@task(
+    name="prepare-config",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def prepare_config_task(
     config_path: str | None, overrides: dict[str, Any], rows: int, home: str | None
 ) -> str:
@@ -63,6 +89,7 @@ def _etl_cache_key(_ctx: Any, params: dict[str, Any]) -> str | None:
     name="etl",
     retries=1,
     retry_delay_seconds=5,
+    retry_condition_fn=worth_retrying,
     cache_key_fn=_etl_cache_key,
     persist_result=True,
 )
@@ -127,7 +154,13 @@ def train_task(
     }
 
 
-@task(name="register-model", retries=2, retry_delay_seconds=3, cache_policy=NO_CACHE)
+@task(
+    name="register-model",
+    retries=2,
+    retry_delay_seconds=3,
+    retry_condition_fn=worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def register_task(
     config_path: str,
     overrides: dict[str, Any],
@@ -202,7 +235,13 @@ def register_task(
     }
 
 
-@task(name="publish-triton", retries=1, retry_delay_seconds=2, cache_policy=NO_CACHE)
+@task(
+    name="publish-triton",
+    retries=1,
+    retry_delay_seconds=2,
+    retry_condition_fn=worth_retrying,
+    cache_policy=NO_CACHE,
+)
 def publish_task(config_path: str, overrides: dict[str, Any], model_name: str) -> dict[str, Any]:
     """Publish the current champion of one registered model to the Triton repository."""
     from tasks.publish import publish_bundle, validate_repository
