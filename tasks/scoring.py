@@ -1041,6 +1041,34 @@ def read_parquet_frame(path: Path, columns: list[str], dictionary: list[str]) ->
         return read_table(path, columns, "parquet")
 
 
+def nullable_integers(values: Any) -> Any:
+    """An Arrow integer column as a pandas nullable integer column (Int64, UInt64, ...): every
+    value exact and missing ones as <NA>, where pandas' default float64 would round ids above
+    2**53."""
+    import pandas as pd
+
+    # int64 -> Int64, uint64 -> UInt64 (pandas' masked dtypes convert from Arrow directly)
+    dtype = pd.api.types.pandas_dtype(
+        str(values.type).replace("uint", "UInt").replace("int", "Int")
+    )
+    return values.to_pandas(types_mapper={values.type: dtype}.get)
+
+
+def exact_integer_ids(path: Path, id_col: str) -> Any | None:
+    """The id column of a parquet file as a pandas nullable integer column when the file stores
+    it as integers (read again: the frame's float64 copy has lost the digits of ids above
+    2**53), else None."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        if not pa.types.is_integer(pq.read_schema(path).field(id_col).type):
+            return None
+        return nullable_integers(pq.read_table(path, columns=[id_col]).column(id_col))
+    except (OSError, KeyError, pa.ArrowException) as exc:
+        raise _unreadable(path, exc) from exc
+
+
 def raw_columns(frame: Any, columns: list[str]) -> dict[str, RawColumn]:
     """A pandas frame's columns for `numpy_features`: categoricals as `DictionaryColumn`
     (codes, categories), the others as NumPy arrays (missing strings stay None/NaN)."""
@@ -1072,16 +1100,29 @@ class CpuEngine:
         if fmt == "csv":
             return read_csv_checked(path, columns, roles)
         dictionary = dictionary_columns_of(self.spec, columns)
-        return read_parquet_frame(path, columns, dictionary)
+        frame = read_parquet_frame(path, columns, dictionary)
+        id_col = self.spec.id_column
+        if id_col in frame.columns and frame[id_col].dtype.kind == "f":
+            exact = exact_integer_ids(path, id_col)
+            if exact is not None:
+                frame[id_col] = exact
+        return frame
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
+        id_col = self.spec.id_column
         try:
             batches = pq.ParquetFile(path).iter_batches(batch_size=rows, columns=columns)
             for batch in batches:
-                yield pa.Table.from_batches([batch]).to_pandas()
+                table = pa.Table.from_batches([batch])
+                frame = table.to_pandas()
+                if id_col in frame.columns and frame[id_col].dtype.kind == "f":
+                    ids = table.column(id_col)
+                    if pa.types.is_integer(ids.type):
+                        frame[id_col] = nullable_integers(ids)
+                yield frame
         except (OSError, pa.ArrowException) as exc:
             raise _unreadable(path, exc) from exc
 
@@ -1675,8 +1716,10 @@ def _batch_member(
 
 def _ids_widened(read: Any, declared: Any) -> bool:
     """Whether integer ids came out as floats: pandas reads an integer column that holds nulls
-    as float64, so one file's null ids would give every file of its batch float ids (and lose
-    the digits of ids above 2**53). cuDF keeps nullable integers."""
+    as float64 (unless the file's pandas metadata says Int64), so one file's null ids would give
+    every file of its batch float ids and lose the digits of ids above 2**53. Such a batch is
+    read again file by file, where `CpuEngine.read` reads them exactly (`exact_integer_ids`).
+    cuDF keeps nullable integers."""
     return getattr(declared, "kind", None) in ("i", "u") and getattr(read, "kind", None) == "f"
 
 
