@@ -1069,6 +1069,18 @@ def exact_integer_ids(path: Path, id_col: str) -> Any | None:
         raise _unreadable(path, exc) from exc
 
 
+def exact_csv_integer_ids(path: Path, id_col: str) -> Any | None:
+    """The id column of a CSV file parsed as pandas nullable Int64 (exact above 2**53, where
+    pandas' float64 for a column with missing values is not), or None when its text is not
+    all integers."""
+    import pandas as pd
+
+    try:
+        return pd.read_csv(path, usecols=[id_col], dtype={id_col: "Int64"})[id_col]
+    except (ValueError, TypeError, OverflowError):
+        return None
+
+
 def raw_columns(frame: Any, columns: list[str]) -> dict[str, RawColumn]:
     """A pandas frame's columns for `numpy_features`: categoricals as `DictionaryColumn`
     (codes, categories), the others as NumPy arrays (missing strings stay None/NaN)."""
@@ -1098,14 +1110,21 @@ class CpuEngine:
 
     def read(self, path: Path, fmt: TableFormat, columns: list[str], roles: ColumnRoles) -> Any:
         if fmt == "csv":
-            return read_csv_checked(path, columns, roles)
-        dictionary = dictionary_columns_of(self.spec, columns)
-        frame = read_parquet_frame(path, columns, dictionary)
+            frame = read_csv_checked(path, columns, roles)
+        else:
+            frame = read_parquet_frame(path, columns, dictionary_columns_of(self.spec, columns))
         id_col = self.spec.id_column
-        if id_col in frame.columns and frame[id_col].dtype.kind == "f":
+        if id_col not in frame.columns or frame[id_col].dtype.kind != "f":
+            return frame
+        # integer ids with missing values, read as float64: read them again exactly
+        if fmt != "csv":
             exact = exact_integer_ids(path, id_col)
-            if exact is not None:
-                frame[id_col] = exact
+        elif self.spec.raw_dtypes.get(id_col, "").lower().startswith(("int", "uint")):
+            exact = exact_csv_integer_ids(path, id_col)  # CSV ids were integers in training
+        else:
+            exact = None
+        if exact is not None:
+            frame[id_col] = exact
         return frame
 
     def read_chunks(self, path: Path, columns: list[str], rows: int, total: int) -> Iterator[Any]:

@@ -530,6 +530,31 @@ def test_rows_with_a_missing_id_are_scored_and_repeated_ids_still_quarantine(
     assert want_reason in str(bad.reason)
 
 
+def test_csv_integer_ids_with_missing_values_come_out_exact(
+    bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """CSV: pandas parses an integer column with empty fields as float64; ids that were
+    integers in training are parsed again as nullable integers, exact above 2**53."""
+    frame = base_frame.iloc[:500].copy()
+    frame["transaction_id"] = (frame["transaction_id"] + 2**60).astype("Int64")
+    frame.loc[frame.index[[3, 7]], "transaction_id"] = pd.NA
+    (tmp_path / "in").mkdir()
+    path = tmp_path / "in" / "part.csv"
+    frame.to_csv(path, index=False)
+    out = tmp_path / "out"
+    (entry,) = score(make_job(bundle_dir, out), [partition_of(path)])
+    assert (entry.status, entry.rows_scored) == ("scored", 500)
+    written = pq.read_table(out / str(entry.output)).column("transaction_id")
+    assert written.type == pa.int64()
+    assert written.to_pylist() == [None if pd.isna(i) else int(i) for i in frame["transaction_id"]]
+    np.testing.assert_allclose(
+        pq.read_table(out / str(entry.output)).column("score").to_numpy(),
+        bundle.predict_raw(frame_to_raw(frame, bundle.spec.raw_columns)),
+        rtol=0,
+        atol=1e-6,
+    )
+
+
 def test_bad_values_are_scored_the_way_training_defined(
     bundle_dir: Path, bundle: LoadedBundle, base_frame: pd.DataFrame, tmp_path: Path
 ) -> None:
