@@ -211,6 +211,8 @@ def _print_summary(summary: dict[str, Any]) -> None:
             f"  {m['name']} v{m['version']}: ROC AUC {met['roc_auc']:.4f}  PR AUC {met['pr_auc']:.4f}  "
             f"log loss {met['log_loss']:.4f}  -> {m['alias']} ({m['reason']})"
         )
+    for skipped in summary.get("not_published", []):
+        typer.echo(f"  not published: {skipped['name']}: {skipped['reason']}")
     typer.echo(f"  Triton repository: {summary['triton_repository']}")
     typer.echo(f"  MLflow: {summary['tracking_uri']}")
 

@@ -47,7 +47,15 @@ def training_pipeline(
     etl = etl_flow(path, overrides, device=device)
     trained = train_flow(path, etl, device, overrides)
     results = register_flow(path, trained, etl, device, overrides)
-    published = publish_flow(path, [r["name"] for r in results], overrides)
+    # a model publishes its champion; one that has none yet (its first version was not
+    # promoted) is reported, not an error: the gate decided, and there is nothing to serve
+    with_champion = [r["name"] for r in results if r["champion_version"] is not None]
+    published = publish_flow(path, with_champion, overrides) if with_champion else []
+    not_published = [
+        {"name": r["name"], "reason": f"no champion: v{r['version']} not promoted ({r['reason']})"}
+        for r in results
+        if r["champion_version"] is None
+    ]
     repo = str(cfg.model_repo_path)
     create_markdown_artifact(
         model_card(cfg, etl, results, device, repo),
@@ -76,6 +84,7 @@ def training_pipeline(
             for r in results
         ],
         "published": published,
+        "not_published": not_published,
         "triton_repository": repo,
     }
     layout = HomeLayout(cfg.home_path)

@@ -232,6 +232,10 @@ def register_task(
         "reason": decision.reason,
         "metrics": trained["metrics"],
         "kind": trained["kind"],
+        # who holds the champion alias now: this version, the earlier champion, or no one
+        "champion_version": ref.version
+        if decision.promote
+        else (champion.version if champion is not None else None),
     }
 
 

@@ -99,7 +99,11 @@ def decide_promotion(
 
     if math.isnan(challenger):
         current = "no current champion" if champion is None else f"champion {_fmt(champion)}"
-        return decision(False, f"challenger {metric} is NaN; not promoting ({current})")
+        return decision(
+            False,
+            f"challenger {metric} is NaN (undefined when the test split holds a single class); "
+            f"not promoting ({current})",
+        )
     if champion is None:
         return decision(True, f"no current champion; challenger {metric} is {_fmt(challenger)}")
     if math.isnan(champion):

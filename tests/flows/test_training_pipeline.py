@@ -199,3 +199,36 @@ def test_identical_retrain_ties_and_stays_challenger(
     assert not xgb["promoted"], xgb["reason"]
     uri = f"sqlite:///{tmp / 'home' / 'mlflow.db'}"
     assert registry.get_alias(uri, "gpupipe-xgboost", "champion").version == 1  # type: ignore[union-attr]
+
+
+def test_a_first_model_the_gate_refuses_is_reported_not_published(
+    raw_dataset: Path, tmp_path: Path
+) -> None:
+    """The test split (the latest rows by time) holds no positives, so PR AUC is undefined and
+    the gate promotes neither first model. The pipeline still completes: both versions are
+    registered as challengers, nothing is published, and the summary says why."""
+    import pandas as pd
+
+    from flows.training_pipeline import training_pipeline
+
+    frame = pd.concat([pd.read_parquet(p) for p in sorted(raw_dataset.glob("*.parquet"))])
+    latest = frame["timestamp"] >= frame["timestamp"].quantile(0.7)
+    frame.loc[latest, "is_fraud"] = 0
+    data = tmp_path / "data"
+    data.mkdir()
+    frame.to_parquet(data / "part-0.parquet", index=False)
+    config = write_config(tmp_path, data)
+    summary = training_pipeline(config_path=str(config))
+    assert summary["published"] == []
+    assert [m["alias"] for m in summary["models"]] == ["challenger", "challenger"]
+    skipped = {s["name"]: s["reason"] for s in summary["not_published"]}
+    assert set(skipped) == {m["name"] for m in summary["models"]}
+    for reason in skipped.values():
+        assert "no champion: v1 not promoted" in reason and "single class" in reason
+    uri = f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}"
+    for m in summary["models"]:
+        assert registry.get_alias(uri, m["name"], "champion") is None
+        assert registry.get_alias(uri, m["name"], "challenger") is not None
+    assert not (tmp_path / "repo").exists() or not any((tmp_path / "repo").iterdir())
+    last = json.loads((tmp_path / "home" / "last_run.json").read_text())
+    assert last["not_published"] == summary["not_published"]
