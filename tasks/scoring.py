@@ -715,8 +715,22 @@ def discover_partitions(
     source: str, output_dir: str | None = None, declared_format: str = "auto"
 ) -> list[InputPartition]:
     """Input files of a directory, glob or file, in sorted order; [] for an empty directory or a
-    glob that matches nothing. Files under the output directory are never inputs."""
+    glob that matches nothing.
+
+    Files under the output directory are never inputs: a glob that also matches earlier
+    predictions skips them. A directory or file inside the output directory (or the output
+    directory itself) is refused: all its files would be skipped without a word.
+    """
     p = Path(source).expanduser()
+    out = Path(output_dir).expanduser().resolve() if output_dir else None
+    if out is not None and (p.is_dir() or p.is_file()):
+        named = p.resolve()
+        if named == out or out in named.parents:
+            raise DataError(
+                f"{source}: the input is inside the output directory {out}, whose files are "
+                "never read as inputs (they would include the predictions); write the "
+                "predictions to another directory"
+            )
     if p.is_dir():
         candidates = [f for f in p.iterdir() if f.is_file() and _is_table(f, declared_format)]
     elif p.is_file():
@@ -731,7 +745,6 @@ def discover_partitions(
         if hint:  # not empty: its tables are in subdirectories, which would be skipped silently
             raise DataError(f"{source}: no input files{hint}")
         return []
-    out = Path(output_dir).expanduser().resolve() if output_dir else None
     files = discover_files(source, declared_format)
     if out is not None:
         files = [f for f in files if out not in f.parents]

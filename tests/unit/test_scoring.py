@@ -338,7 +338,12 @@ def test_discover_inputs(tmp_path: Path) -> None:
     (data / "preds").mkdir()
     pd.DataFrame({"a": [1]}).to_parquet(data / "preds" / "x.parquet")
     globbed = discover_partitions(str(data / "*" / "*.parquet"), output_dir=str(data / "preds"))
-    assert globbed == []
+    assert globbed == []  # a glob skips the output directory's files (earlier predictions)
+    # a directory or file inside the output directory would lose all its files: refused
+    for source, output in [(data, data), (data / "preds", data), (data / "a.parquet", data)]:
+        with pytest.raises(DataError, match="inside the output directory"):
+            discover_partitions(str(source), output_dir=str(output))
+    assert len(discover_partitions(str(data), output_dir=str(data / "preds"))) == 2
     before = found[0].fingerprint
     os.utime(data / "a.parquet", ns=(1, 1))
     assert partition_of(data / "a.parquet").fingerprint != before
