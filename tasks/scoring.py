@@ -736,6 +736,9 @@ def discover_partitions(
     elif p.is_file():
         candidates = [p]
     elif any(ch in source for ch in "*?["):
+        fixed = glob_root(p)
+        if not fixed.is_dir():  # a typo, not an empty landing directory: say so
+            raise DataError(f"{source}: no such directory {fixed}")
         candidates = [Path(f) for f in glob.glob(str(p)) if Path(f).is_file()]
     else:
         raise DataError(f"{source}: no such file or directory")
@@ -749,6 +752,16 @@ def discover_partitions(
     if out is not None:
         files = [f for f in files if out not in f.parents]
     return [partition_of(f) for f in files]
+
+
+def glob_root(pattern: Path) -> Path:
+    """The directory a glob pattern searches from: its leading parts without wildcards."""
+    fixed: list[str] = []
+    for part in pattern.parts:
+        if any(ch in part for ch in "*?["):
+            break
+        fixed.append(part)
+    return Path(*fixed) if fixed else Path(".")
 
 
 def _is_table(path: Path, declared: str) -> bool:

@@ -325,6 +325,10 @@ def test_discover_inputs(tmp_path: Path) -> None:
     empty.mkdir()
     assert discover_partitions(str(empty)) == []
     assert discover_partitions(str(tmp_path / "nothing-*.parquet")) == []
+    # a glob whose fixed directory does not exist is a typo, not an empty landing directory
+    with pytest.raises(DataError, match="no such directory"):
+        discover_partitions(str(tmp_path / "misspelt" / "*.parquet"))
+    assert discover_partitions(str(tmp_path / "*" / "nothing-*.parquet")) == []
     with pytest.raises(DataError, match="no such file"):
         discover_partitions(str(tmp_path / "missing"))
     data = tmp_path / "data"
