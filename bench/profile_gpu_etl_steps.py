@@ -8,6 +8,10 @@ reported, from the same process and files.
 
     python bench/profile_gpu_etl_steps.py --rows 20000000 --runs 2 --out /tmp/etl_steps.json
 
+`--trace FILE.json.gz` adds a last run under torch.profiler (CUPTI): its chrome trace, and per
+ETL stage the wall time, the time the GPU was busy (union of kernels, copies and memsets), and
+which host threads launched the device work; say where the GPU waits on the host.
+
 `--cprofile` adds a last run under cProfile. Run it with CUDA_LAUNCH_BLOCKING=1 so that each
 kernel's time is paid by the Python call that launched it. `--frames auto,dask` repeats the
 runs for each way of holding the table (`etl_frames`), side by side in one process;
@@ -102,6 +106,95 @@ def steps_timed(timer: StepTimer) -> Iterator[None]:
             setattr(etl, name, fn)
 
 
+class StageTracer:
+    """A run under torch.profiler with each ETL stage (the progress messages) as a named range."""
+
+    def __init__(self) -> None:
+        self.profiler: Any = None
+        self._range: Any = None
+
+    @contextmanager
+    def profiling(self) -> Iterator[None]:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            self.profiler = prof
+            try:
+                yield
+            finally:
+                self.stage(None)
+
+    def stage(self, message: str | None) -> None:
+        from torch.profiler import record_function
+
+        if self._range is not None:
+            self._range.__exit__(None, None, None)
+            self._range = None
+        if message is not None:
+            self._range = record_function(f"stage: {message[:60]}")
+            self._range.__enter__()
+
+    def summary(self, path: Path) -> dict[str, Any]:
+        """Export the chrome trace (gzip) and sum it per stage."""
+        import gzip
+
+        raw = path.with_suffix("") if path.suffix == ".gz" else path
+        self.profiler.export_chrome_trace(str(raw))
+        events = json.loads(raw.read_text())["traceEvents"]
+        with gzip.open(path if path.suffix == ".gz" else f"{path}.gz", "wt") as fh:
+            json.dump(events, fh)
+        raw.unlink(missing_ok=True)
+        return trace_by_stage(events)
+
+
+DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
+
+
+def busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of (start, end) microsecond intervals, in seconds."""
+    total, end = 0.0, float("-inf")
+    for s, e in sorted(intervals):
+        if e <= end:
+            continue
+        total += e - max(s, end)
+        end = e
+    return total / 1e6
+
+
+def trace_by_stage(events: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per stage range: wall, GPU busy (union), device time by category, the 8 longest kernel
+    names by summed time, and the host threads whose runtime calls fall inside it."""
+    stages = [
+        (e["name"], e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "user_annotation" and str(e.get("name", "")).startswith("stage: ")
+    ]
+    device = [e for e in events if e.get("cat") in DEVICE_CATEGORIES and "dur" in e]
+    runtime = [e for e in events if e.get("cat") == "cuda_runtime" and "dur" in e]
+    out: dict[str, Any] = {}
+    for name, lo, hi in sorted(stages, key=lambda s: s[1]):
+        inside = [e for e in device if lo <= e["ts"] < hi]
+        by_cat: dict[str, float] = defaultdict(float)
+        by_kernel: dict[str, float] = defaultdict(float)
+        for e in inside:
+            by_cat[e["cat"]] += e["dur"] / 1e3
+            by_kernel[f"{e['cat']}: {str(e['name'])[:70]}"] += e["dur"] / 1e3
+        calls: dict[str, float] = defaultdict(float)
+        for e in runtime:
+            if lo <= e["ts"] < hi:
+                calls[f"tid {e.get('tid')}: {e['name']}"] += e["dur"] / 1e3
+        out[name] = {
+            "wall_ms": round((hi - lo) / 1e3, 2),
+            "gpu_busy_ms": round(
+                busy_seconds([(e["ts"], min(e["ts"] + e["dur"], hi)) for e in inside]) * 1e3, 2
+            ),
+            "device_ms_by_category": {k: round(v, 2) for k, v in by_cat.items()},
+            "top_device_ms": dict(sorted(by_kernel.items(), key=lambda kv: -kv[1])[:8]),
+            "runtime_calls_ms": dict(sorted(calls.items(), key=lambda kv: -kv[1])[:8]),
+        }
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=20_000_000)
@@ -115,6 +208,7 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=Path("/tmp/gpupipe-bench"))
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--cprofile", action="store_true", help="one more run, under cProfile")
+    p.add_argument("--trace", type=Path, default=None, help="one more run, traced: chrome trace")
     p.add_argument(
         "--async-memory",
         action="store_true",
@@ -158,6 +252,8 @@ def main() -> None:
         plan += [(f"{prefix}steps_{i + 1}", args.rows, True, choice) for i in range(args.runs)]
         if args.cprofile:
             plan.append((f"{prefix}cprofile", args.rows, False, choice))
+        if args.trace:
+            plan.append((f"{prefix}trace", args.rows, False, choice))
     for label, rows, profiled, choice in plan:
         data = args.work / f"data-{rows}"
         generate_transactions(rows, data, seed=0, rows_per_file=min(rows, 1_000_000))
@@ -166,11 +262,17 @@ def main() -> None:
         cfg = builtin_config(data, home).model_copy(update={"etl_frames": choice})
         timer = StepTimer(sync)
         prof = cProfile.Profile() if label.endswith("cprofile") else None
+        tracer = StageTracer() if label.endswith("trace") else None
         start = time.perf_counter()
-        with steps_timed(timer) if profiled else contextlib.nullcontext():
+        with (
+            steps_timed(timer) if profiled else contextlib.nullcontext(),
+            tracer.profiling() if tracer else contextlib.nullcontext(),
+        ):
             if prof:
                 prof.enable()
-            out = run_etl(cfg, backend, home / "etl")
+            out = run_etl(
+                cfg, backend, home / "etl", progress=tracer.stage if tracer else lambda _: None
+            )
             if prof:
                 prof.disable()
         seconds = time.perf_counter() - start
@@ -191,6 +293,9 @@ def main() -> None:
                 pstats.Stats(prof, stream=buf).sort_stats(key).print_stats(60)
                 run[f"profile_{key}"] = buf.getvalue()
                 print(buf.getvalue()[-12000:], flush=True)
+        if tracer and args.trace:
+            run["trace"] = tracer.summary(args.trace)
+            print(json.dumps(run["trace"], indent=1), flush=True)
         report["runs"].append(run)
         print(f"{label}: {rows:,} rows in {seconds:.2f} s; stages {stages}", flush=True)
         for path, secs in sorted(timer.seconds.items()):
