@@ -635,6 +635,11 @@ def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histog
     }
 
 
+def delta_id_columns(frame: Any, id_col: str) -> list[str]:
+    """The id column when it holds integers (written delta-encoded), else nothing."""
+    return [id_col] if id_col in frame.columns and frame[id_col].dtype.kind in "iu" else []
+
+
 def raw_dtypes(frame: Any) -> dict[str, str]:
     return {c: str(t) for c, t in frame.dtypes.items()}
 
@@ -751,7 +756,10 @@ def _run_etl(
     background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpupipe-etl-io")
     try:
         raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
-        raw_test_written = background.submit(write_parquet_dir, raw_test, root / "raw_test")
+        delta = delta_id_columns(raw, d.id)
+        raw_test_written = background.submit(
+            write_parquet_dir, raw_test, root / "raw_test", delta=delta
+        )
         train = raw[raw[SPLIT_COLUMN] == 0]
         n_train, pos_train = computed(train[d.target].count(), train[d.target].sum())
         n_train = int(n_train)
@@ -823,7 +831,7 @@ def _run_etl(
         matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
         for code, split in enumerate(SPLITS):
             part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
-            write_parquet_dir(part, root / "features" / split)
+            write_parquet_dir(part, root / "features" / split, delta=delta)
         counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
         rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
         raw_test_written.result()

@@ -312,10 +312,10 @@ def test_a_failed_write_on_either_thread_fails_the_etl_and_leaves_no_output(
 
     real_write = tasks.etl.write_parquet_dir
 
-    def write_failing_once(frame: object, directory: Path) -> None:
+    def write_failing_once(frame: object, directory: Path, **options: Any) -> None:
         if directory.name == failing_dir:
             raise OSError(f"no space left on device (injected for {directory.name})")
-        real_write(frame, directory)
+        real_write(frame, directory, **options)
 
     monkeypatch.setattr(tasks.etl, "write_parquet_dir", write_failing_once)
     out_root = tmp_path / "etl"
@@ -693,3 +693,78 @@ def test_bad_input_file_is_named_by_the_check_and_nothing_is_written(
         )
     etl_root = tmp_path / "home" / "etl"
     assert not etl_root.exists() or not any(etl_root.rglob("*.parquet"))
+
+
+def column_encodings(directory: Path, column: str) -> set[str]:
+    """The parquet encodings of `column` over every row group of every file in `directory`."""
+    import pyarrow.parquet as pq
+
+    found: set[str] = set()
+    for path in sorted(directory.glob("*.parquet")):
+        meta = pq.ParquetFile(path).metadata
+        j = meta.schema.names.index(column)
+        for g in range(meta.num_row_groups):
+            found.update(meta.row_group(g).column(j).encodings)
+    return found
+
+
+@pytest.mark.parametrize("frames", ["dask", "single"])
+def test_integer_ids_are_written_delta_encoded_and_exact(
+    tmp_path: Path, test_seed: int, frames: str
+) -> None:
+    """Integer ids go into the feature and raw-test files DELTA_BINARY_PACKED (a few bits a row
+    where they increase), on both ways of holding the table, and come back exactly: 64-bit ids
+    above 2**53 in shuffled order, so no float round trip or delta overflow could hide."""
+    rng = np.random.default_rng(test_seed)
+    n = 3000
+    ids = (2**60 + rng.permutation(n) * 7919).astype(np.int64)
+    table = pd.DataFrame(
+        {
+            "id": ids,
+            "amount": rng.gamma(2.0, 10.0, n),
+            "shop": rng.choice(["a", "b", "c"], n),
+        }
+    )
+    table["fraud"] = (rng.random(n) < 0.05 + 0.2 * (table["amount"] > 40)).astype("int64")
+    table.to_parquet(tmp_path / "p0.parquet", index=False)
+    out = etl_of_table(
+        tmp_path / "p0.parquet",
+        tmp_path / "home",
+        frames,
+        target="fraud",
+        id="id",
+        timestamp=None,
+        numeric=["amount"],
+        categorical=["shop"],
+    )
+    for directory in [*(out.features_dir(s) for s in out.rows), out.raw_test_dir]:
+        assert "DELTA_BINARY_PACKED" in column_encodings(directory, "id"), directory
+        assert "DELTA_BINARY_PACKED" not in column_encodings(directory, "fraud"), directory
+    written = pd.concat(pd.read_parquet(out.features_dir(s))["id"] for s in out.rows)
+    assert written.dtype == np.int64
+    assert sorted(written.tolist()) == sorted(ids.tolist())  # each id once, exactly
+    assert_test_features_equal_the_scoring_transform(out, "id")
+
+
+def test_delta_encoding_options() -> None:
+    from tasks.frames import delta_encoding
+
+    assert delta_encoding(["id", "x"], [], cudf_writer=False) == {}
+    assert delta_encoding(["x"], ["id"], cudf_writer=True) == {}  # not in this frame
+    assert delta_encoding(["id", "x"], ["id"], cudf_writer=True) == {
+        "column_encoding": {"id": "DELTA_BINARY_PACKED"}
+    }
+    assert delta_encoding(["id", "x", "y"], ["id"], cudf_writer=False) == {
+        "column_encoding": {"id": "DELTA_BINARY_PACKED"},
+        "use_dictionary": ["x", "y"],
+    }
+
+
+def test_string_ids_are_not_delta_encoded() -> None:
+    from tasks.etl import delta_id_columns
+
+    assert delta_id_columns(pd.DataFrame({"id": ["a", "b"]}), "id") == []
+    assert delta_id_columns(pd.DataFrame({"id": pd.array([1, None], dtype="Int64")}), "id") == [
+        "id"
+    ]
+    assert delta_id_columns(pd.DataFrame({"id": [1.0, 2.0]}), "id") == []
