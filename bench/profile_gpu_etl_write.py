@@ -74,10 +74,10 @@ def main() -> None:
             (root / s).mkdir(parents=True, exist_ok=True)
             frame.to_parquet(root / s / "part.0.parquet", index=False, **options)
 
-    def threaded(root: Path) -> None:
+    def threaded(root: Path, **options: Any) -> None:
         def one(item: tuple[str, Any]) -> None:
             (root / item[0]).mkdir(parents=True, exist_ok=True)
-            item[1].to_parquet(root / item[0] / "part.0.parquet", index=False)
+            item[1].to_parquet(root / item[0] / "part.0.parquet", index=False, **options)
 
         with ThreadPoolExecutor(len(parts)) as pool:
             list(pool.map(one, parts.items()))
@@ -187,6 +187,16 @@ def main() -> None:
             "per split, snappy + byte-stream-split floats",
             args.work,
             lambda r: per_split(r, column_encoding=split_floats),
+        ),
+        (
+            "per split, id delta-encoded (the ETL since the fourteenth session)",
+            args.work,
+            lambda r: per_split(r, column_encoding={"id": "DELTA_BINARY_PACKED"}),
+        ),
+        (
+            "splits in 3 threads, id delta-encoded",
+            args.work,
+            lambda r: threaded(r, column_encoding={"id": "DELTA_BINARY_PACKED"}),
         ),
         ("per split, to /dev/shm", args.shm, lambda r: per_split(r)),
         ("per split, 5M-row row groups", args.work, lambda r: per_split(r, **big_row_groups)),
