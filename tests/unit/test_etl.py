@@ -391,6 +391,52 @@ def test_fit_entity_on_a_small_table(frame_kind: str) -> None:
 
 
 @pytest.mark.parametrize(
+    "frame_kind",
+    [
+        "pandas",
+        pytest.param(
+            "cudf", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
+        ),
+    ],
+)
+def test_integer_key_sums_equal_the_grouping(frame_kind: str, test_seed: int) -> None:
+    """The array path of fit_entity (integer keys of an in-memory frame) gives the grouping's
+    sorted keys and per-(entity, fold) sums: with missing keys (left out), missing values,
+    missing labels, negative and sparse keys, and entities absent from some folds."""
+    from tasks.etl import FOLD_COLUMN, TARGET_FOLDS, grouped_fold_sums, integer_key_fold_sums
+
+    rng = np.random.default_rng(test_seed)
+    n = 20_000
+    keys = pd.array(rng.choice([-7, 0, 3, 10**12, *range(100, 400)], n), dtype="Int64")
+    keys[rng.random(n) < 0.05] = pd.NA
+    values = rng.normal(5.0, 2.0, n)
+    values[rng.random(n) < 0.1] = np.nan
+    labels = pd.array((rng.random(n) < 0.2).astype(int), dtype="Int64")
+    labels[rng.random(n) < 0.02] = pd.NA
+    train = pd.DataFrame(
+        {"k": keys, "v": values, "y": labels, FOLD_COLUMN: rng.integers(0, 5, n).astype(np.int8)}
+    )
+    if frame_kind == "cudf":
+        import cudf
+
+        train = cudf.DataFrame.from_pandas(train)
+    want_keys, want = grouped_fold_sums(train, "k", "v", "y")
+    got_keys, got = integer_key_fold_sums(train, "k", "v", "y")
+    np.testing.assert_array_equal(got_keys, np.asarray(want_keys, np.int64))
+    assert not np.isin(got_keys, [None]).any()
+    for name, table in want.items():
+        assert got[name].shape == (len(want_keys), TARGET_FOLDS)
+        np.testing.assert_allclose(
+            to_numpy(got[name]), to_numpy(table), rtol=1e-12, atol=1e-9, err_msg=name
+        )
+    assert to_numpy(got["count"]).sum() == int((train["k"].notna() & train["y"].notna()).sum())
+
+
+def to_numpy(values: Any) -> np.ndarray:
+    return values.get() if hasattr(values, "get") else np.asarray(values)
+
+
+@pytest.mark.parametrize(
     ("frames", "device"),
     [
         ("dask", "cpu"),
