@@ -891,9 +891,21 @@ def _run_etl(
 
         clock("writing feature parquet")
         matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
-        for code, split in enumerate(SPLITS):
-            part = matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
-            write_parquet_dir(part, root / "features" / split, delta=delta)
+        parts = [
+            matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
+            for code in range(len(SPLITS))
+        ]
+        if is_lazy(matrix):
+            for split, part in zip(SPLITS, parts, strict=True):
+                write_parquet_dir(part, root / "features" / split, delta=delta)
+        else:
+            with ThreadPoolExecutor(len(SPLITS), thread_name_prefix="gpupipe-etl-split") as pool:
+                written = [
+                    pool.submit(write_parquet_dir, part, root / "features" / split, delta=delta)
+                    for split, part in zip(SPLITS, parts, strict=True)
+                ]
+                for w in written:
+                    w.result()
         counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
         rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
         raw_test_written.result()
