@@ -754,9 +754,18 @@ def column_encodings(directory: Path, column: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("frames", ["dask", "single"])
+@pytest.mark.parametrize(
+    ("frames", "device"),
+    [
+        ("dask", "cpu"),
+        ("single", "cpu"),
+        pytest.param(
+            "single", "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
+        ),
+    ],
+)
 def test_integer_ids_are_written_delta_encoded_and_exact(
-    tmp_path: Path, test_seed: int, frames: str
+    tmp_path: Path, test_seed: int, frames: str, device: str
 ) -> None:
     """Integer ids go into the feature and raw-test files DELTA_BINARY_PACKED (a few bits a row
     where they increase), on both ways of holding the table, and come back exactly: 64-bit ids
@@ -777,6 +786,7 @@ def test_integer_ids_are_written_delta_encoded_and_exact(
         tmp_path / "p0.parquet",
         tmp_path / "home",
         frames,
+        device=device,
         target="fraud",
         id="id",
         timestamp=None,
