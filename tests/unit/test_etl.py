@@ -419,7 +419,7 @@ def test_integer_key_sums_equal_the_grouping(frame_kind: str, test_seed: int) ->
     if frame_kind == "cudf":
         import cudf
 
-        train = cudf.DataFrame.from_pandas(train)
+        train = cudf.from_pandas(train)
     want_keys, want = grouped_fold_sums(train, "k", "v", "y")
     got_keys, got = integer_key_fold_sums(train, "k", "v", "y")
     np.testing.assert_array_equal(got_keys, np.asarray(want_keys, np.int64))
