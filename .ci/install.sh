@@ -12,4 +12,10 @@ fi
 # torch first, pinned to the CPU build, so no resolver step pulls the CUDA wheels
 .venv/bin/python -m pip install -q -c constraints.txt "torch==2.13.0"
 .venv/bin/python -m pip install -q -c constraints.txt -e ".[${extras}]"
+# A real Triton server for the Python-backend tests (tests/integration/test_triton_python_backend.py):
+# the tritonserver binary bundled in nvidia-pytriton, without its dependencies (nothing imports
+# the package), and the NumPy 1.x its Python-backend stub is built against, in a directory of its
+# own that the test runs the server in
+.venv/bin/python -m pip install -q --no-deps "nvidia-pytriton==0.7.0"
+.venv/bin/python -m pip install -q --no-deps --upgrade --target .venv/triton-stub-site "numpy==1.26.4"
 echo "installed: $(.venv/bin/python -c 'import importlib.metadata as m; print(m.version("gpupipe"))') into .venv"
