@@ -16,35 +16,31 @@ with NumPy alone, and an old one.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
-import queue
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
-import time
 from collections.abc import Iterator
-from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from tasks.bundle import LoadedBundle, frame_to_raw
+from tasks.bundle import LoadedBundle
 from tasks.etl import EtlOutput
-from tasks.publish import (
-    PublishedModels,
-    encode_raw_inputs,
-    protocol_datatype,
-    publish_bundle,
-    raw_input_types,
-    validate_repository,
+from tasks.publish import PublishedModels
+from tests.triton_support import (
+    free_port,
+    infer_concurrently,
+    publish_kinds,
+    raw_rows_with_edge_cases,
+    request_inputs,
+    stop_server,
+    wait_until_ready,
 )
 
 KINDS = ("xgboost", "mlp")
@@ -96,12 +92,6 @@ pytestmark = [
 ]
 
 
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def backend_directory(server: BundledServer, into: Path) -> Path:
     """A backend directory whose Python backend has the stub built for this interpreter (the
     wheel ships one per Python version beside the backend, not in it)."""
@@ -124,20 +114,14 @@ def published(
     small_bundles: tuple[EtlOutput, dict[str, Path]], tmp_path_factory: pytest.TempPathFactory
 ) -> dict[str, PublishedModels]:
     repo = tmp_path_factory.mktemp("triton-python") / "model_repo"
-    out = {
-        kind: publish_bundle(
-            path,
-            repo,
-            f"gpupipe-{kind}",
-            VERSION,
-            max_batch_size=4096,
-            preferred_batch_sizes=[256, 1024],
-            max_queue_delay_us=2000,
-        )
-        for kind, path in small_bundles[1].items()
-    }
-    assert validate_repository(repo) == []
-    return out
+    return publish_kinds(
+        small_bundles[1],
+        repo,
+        VERSION,
+        max_batch_size=4096,
+        preferred_batch_sizes=[256, 1024],
+        max_queue_delay_us=2000,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +130,11 @@ def triton(
 ) -> Iterator[Any]:
     """A gRPC client of a real server with every published preprocess model ready."""
     import tritonclient.grpc as grpcclient
-    from tritonclient.utils import InferenceServerException
 
     assert SERVER is not None
     work = tmp_path_factory.mktemp("triton-python-server")
     names = [p.names.preprocess for p in published.values()]
-    port = _free_port()
+    port = free_port()
     cmd = [
         str(SERVER.binary),
         f"--model-repository={next(iter(published.values())).repo}",
@@ -172,62 +155,30 @@ def triton(
             cwd=STUB_SITE,
         )
     client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
-    deadline = time.monotonic() + START_TIMEOUT_S
     try:
-        pending = list(names)
-        while pending:
-            if server.poll() is not None:
-                pytest.fail(f"tritonserver exited with {server.returncode}:\n{log.read_text()}")
-            with contextlib.suppress(InferenceServerException):  # not accepting connections yet
-                pending = [n for n in pending if not client.is_model_ready(n, str(VERSION))]
-            if pending and time.monotonic() > deadline:
-                pytest.fail(f"not ready after {START_TIMEOUT_S:.0f}s: {pending}\n{log.read_text()}")
-            if pending:
-                time.sleep(0.3)
+        wait_until_ready(client, names, VERSION, START_TIMEOUT_S, server, log)
         yield client
     finally:
         client.close()
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 @pytest.fixture(scope="module")
 def raw_rows(small_bundles: tuple[EtlOutput, dict[str, Path]]) -> dict[str, Any]:
-    """Raw test rows plus rows with a missing amount, channel and timestamp, an unseen country
-    and an unseen card."""
-    bundle = LoadedBundle.load(small_bundles[1]["xgboost"])
-    spec = bundle.spec
-    frame = pd.read_parquet(small_bundles[0].raw_test_dir).sort_values(spec.id_column)
-    frame = frame.head(ROWS).reset_index(drop=True)
-    edge = frame.head(5).copy()
-    edge.loc[0, "amount"] = np.nan
-    edge.loc[1, "channel"] = None
-    edge.loc[2, "country"] = "ZZ"
-    edge.loc[3, "card_id"] = 10**12
-    edge.loc[4, "timestamp"] = pd.NaT
-    return frame_to_raw(pd.concat([frame, edge], ignore_index=True), spec.raw_columns)
-
-
-def _request(bundle: LoadedBundle, raw: dict[str, Any], rows: slice = slice(None)) -> list[Any]:
-    import tritonclient.grpc as grpcclient
-
-    arrays = encode_raw_inputs({k: v[rows] for k, v in raw.items()}, bundle.spec)
-    inputs = []
-    for name, data_type in raw_input_types(bundle.spec):
-        item = grpcclient.InferInput(name, list(arrays[name].shape), protocol_datatype(data_type))
-        item.set_data_from_numpy(arrays[name])
-        inputs.append(item)
-    return inputs
+    spec = LoadedBundle.load(small_bundles[1]["xgboost"]).spec
+    return raw_rows_with_edge_cases(small_bundles[0].raw_test_dir, spec, ROWS)
 
 
 def _bundle(small_bundles: tuple[EtlOutput, dict[str, Path]], kind: str) -> LoadedBundle:
     return LoadedBundle.load(
         small_bundles[1][kind], scorer="xgboost" if kind == "xgboost" else "onnx"
     )
+
+
+def _features(result: Any) -> np.ndarray:
+    """The preprocess model's one output of a response."""
+    (output,) = [o.name for o in result.get_response().outputs]
+    return np.asarray(result.as_numpy(output))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -241,10 +192,11 @@ def test_served_features_equal_the_in_process_transform(
     bundle = _bundle(small_bundles, kind)
     expected = bundle.features(raw_rows)
     result = triton.infer(
-        published[kind].names.preprocess, _request(bundle, raw_rows), model_version=str(VERSION)
+        published[kind].names.preprocess,
+        request_inputs(raw_rows, bundle.spec),
+        model_version=str(VERSION),
     )
-    (output,) = [o.name for o in result.get_response().outputs]
-    served = result.as_numpy(output)
+    served = _features(result)
     assert served.shape == expected.shape == (ROWS + 5, len(bundle.spec.feature_names))
     assert served.dtype == np.float32
     np.testing.assert_allclose(served, expected, rtol=0, atol=FEATURES_ATOL)
@@ -264,22 +216,8 @@ def test_concurrent_requests_get_their_own_rows_back(
     bundle = _bundle(small_bundles, kind)
     expected = bundle.features(raw_rows)
     bounds = [0, 1, 7, 64, 65, 200, 333, ROWS + 5]
-    done: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
-    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        triton.async_infer(
-            published[kind].names.preprocess,
-            _request(bundle, raw_rows, slice(lo, hi)),
-            lambda result, error, i=i: done.put((i, result, error)),
-            model_version=str(VERSION),
-        )
-    results: dict[int, Any] = {}
-    for _ in range(len(bounds) - 1):
-        i, result, error = done.get(timeout=60)
-        assert error is None, error
-        results[i] = result
-    served = []
-    for i in sorted(results):
-        (output,) = [o.name for o in results[i].get_response().outputs]
-        served.append(results[i].as_numpy(output))
-        assert len(served[-1]) == bounds[i + 1] - bounds[i]
+    model = published[kind].names.preprocess
+    results = infer_concurrently(triton, model, bundle.spec, raw_rows, bounds, VERSION)
+    served = [_features(r) for r in results]
+    assert [len(s) for s in served] == [hi - lo for lo, hi in itertools.pairwise(bounds)]
     np.testing.assert_allclose(np.concatenate(served), expected, rtol=0, atol=FEATURES_ATOL)

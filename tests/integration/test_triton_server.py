@@ -13,36 +13,34 @@ evaluates the trees in float32 with its own summation order (1e-4).
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
-import queue
 import shutil
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
-from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from tasks.bundle import LoadedBundle, frame_to_raw
+from tasks.bundle import LoadedBundle
 from tasks.etl import EtlOutput
 from tasks.publish import (
     CONFIG_FILE,
     PublishedModels,
     ServingNames,
-    encode_raw_inputs,
-    protocol_datatype,
-    publish_bundle,
-    raw_input_types,
     read_model_config,
-    validate_repository,
 )
 from tasks.spec import TransformSpec
+from tests.triton_support import (
+    free_port,
+    infer_concurrently,
+    publish_kinds,
+    raw_rows_with_edge_cases,
+    request_inputs,
+    stop_server,
+    wait_until_ready,
+)
 
 TRITON_URL = os.environ.get("GPUPIPE_TRITON_URL")
 TRITON_REPO = os.environ.get("GPUPIPE_TRITON_REPO")
@@ -76,57 +74,14 @@ def published(
     if TRITON_URL and not TRITON_REPO:
         pytest.skip("GPUPIPE_TRITON_URL also needs GPUPIPE_TRITON_REPO (the server's repository)")
     repo = Path(TRITON_REPO) if TRITON_URL else tmp_path_factory.mktemp("triton") / "model_repo"
-    out = {
-        kind: publish_bundle(
-            path,
-            repo,
-            f"gpupipe-{kind}",
-            VERSION,
-            max_batch_size=MAX_BATCH,
-            preferred_batch_sizes=[256, 1024],
-            max_queue_delay_us=500,
-        )
-        for kind, path in trained[1].items()
-    }
-    assert validate_repository(repo) == []
-    return out
-
-
-def _free_port() -> int:
-    with closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _log_tail(path: Path | None, lines: int = 60) -> str:
-    text = path.read_text(errors="replace") if path and path.is_file() else ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _wait_until_ready(
-    client: Any,
-    names: list[str],
-    deadline: float,
-    server: subprocess.Popen[bytes] | None,
-    log: Path | None,
-) -> None:
-    from tritonclient.utils import InferenceServerException
-
-    pending = list(names)
-    while pending:
-        if server is not None and server.poll() is not None:
-            pytest.fail(f"tritonserver exited with {server.returncode}:\n{_log_tail(log)}")
-        try:
-            if client.is_server_live():
-                pending = [n for n in pending if not client.is_model_ready(n, str(VERSION))]
-        except InferenceServerException:
-            pass  # not accepting connections yet
-        if pending and time.monotonic() > deadline:
-            pytest.fail(
-                f"models not ready after {START_TIMEOUT_S:.0f}s: {pending}\n{_log_tail(log)}"
-            )
-        if pending:
-            time.sleep(0.5)
+    return publish_kinds(
+        trained[1],
+        repo,
+        VERSION,
+        max_batch_size=MAX_BATCH,
+        preferred_batch_sizes=[256, 1024],
+        max_queue_delay_us=500,
+    )
 
 
 @pytest.fixture(scope="session")
@@ -138,7 +93,6 @@ def triton(
     from tritonclient.utils import InferenceServerException
 
     names = [n for p in published.values() for n in p.names.all()]
-    deadline = time.monotonic() + START_TIMEOUT_S
     if TRITON_URL:
         client = grpcclient.InferenceServerClient(url=TRITON_URL)
         for p in published.values():
@@ -147,7 +101,7 @@ def triton(
             with contextlib.suppress(InferenceServerException):
                 client.load_model(p.ensemble)
         try:
-            _wait_until_ready(client, names, deadline, None, None)
+            wait_until_ready(client, names, VERSION, START_TIMEOUT_S)
             yield client
         finally:
             client.close()
@@ -155,7 +109,7 @@ def triton(
 
     repo = next(iter(published.values())).repo
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    port = _free_port()
+    port = free_port()
     cmd = [
         "tritonserver",
         f"--model-repository={repo}",
@@ -167,45 +121,17 @@ def triton(
         server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
     client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
     try:
-        _wait_until_ready(client, names, deadline, server, log)
+        wait_until_ready(client, names, VERSION, START_TIMEOUT_S, server, log)
         yield client
     finally:
         client.close()
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_server(server)
 
 
 @pytest.fixture(scope="session")
 def raw_rows(trained: tuple[EtlOutput, dict[str, Path]]) -> dict[str, Any]:
-    """Raw test rows plus rows with a missing amount, channel and timestamp, an unseen country
-    and an unseen card."""
     spec = TransformSpec.load(trained[1]["xgboost"] / "transform")
-    frame = pd.read_parquet(trained[0].raw_test_dir).sort_values(spec.id_column)
-    frame = frame.head(ROWS).reset_index(drop=True)
-    edge = frame.head(5).copy()
-    edge.loc[0, "amount"] = np.nan
-    edge.loc[1, "channel"] = None
-    edge.loc[2, "country"] = "ZZ"
-    edge.loc[3, "card_id"] = 10**12
-    edge.loc[4, "timestamp"] = pd.NaT
-    return frame_to_raw(pd.concat([frame, edge], ignore_index=True), spec.raw_columns)
-
-
-def _inputs(raw: dict[str, Any], spec: TransformSpec, rows: slice = slice(None)) -> list[Any]:
-    import tritonclient.grpc as grpcclient
-
-    arrays = encode_raw_inputs({k: v[rows] for k, v in raw.items()}, spec)
-    inputs = []
-    for name, data_type in raw_input_types(spec):
-        arr = arrays[name]
-        item = grpcclient.InferInput(name, list(arr.shape), protocol_datatype(data_type))
-        item.set_data_from_numpy(arr)
-        inputs.append(item)
-    return inputs
+    return raw_rows_with_edge_cases(trained[0].raw_test_dir, spec, ROWS)
 
 
 def _positive_probability(published: PublishedModels, result: Any) -> np.ndarray:
@@ -242,7 +168,7 @@ def test_ensemble_matches_in_process_scoring(
     config = read_model_config(p.repo / p.ensemble / CONFIG_FILE)
     result = triton.infer(
         p.ensemble,
-        _inputs(raw_rows, bundle.spec),
+        request_inputs(raw_rows, bundle.spec),
         model_version=str(VERSION),
         outputs=[grpcclient.InferRequestedOutput(config.output[0].name)],
     )
@@ -264,18 +190,6 @@ def test_concurrent_requests_get_their_own_rows_back(
     bundle, expected = _expected(trained, kind, raw_rows)
     p = published[kind]
     bounds = [0, 1, 7, 64, 65, 200, 333, ROWS + 5]
-    done: queue.Queue[tuple[int, Any, Any]] = queue.Queue()
-    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):
-        triton.async_infer(
-            p.ensemble,
-            _inputs(raw_rows, bundle.spec, slice(lo, hi)),
-            lambda result, error, i=i: done.put((i, result, error)),
-            model_version=str(VERSION),
-        )
-    results: dict[int, Any] = {}
-    for _ in range(len(bounds) - 1):
-        i, result, error = done.get(timeout=60)
-        assert error is None, error
-        results[i] = result
-    served = np.concatenate([_positive_probability(p, results[i]) for i in sorted(results)])
+    results = infer_concurrently(triton, p.ensemble, bundle.spec, raw_rows, bounds, VERSION)
+    served = np.concatenate([_positive_probability(p, r) for r in results])
     np.testing.assert_allclose(served, expected, rtol=0, atol=ATOL[kind])

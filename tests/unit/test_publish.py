@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
 import tasks.publish as publish
-from tasks.bundle import LoadedBundle, frame_to_raw
+from tasks.bundle import LoadedBundle
 from tasks.etl import EtlOutput, load_transform
 from tasks.numpy_features import transform_raw
 from tasks.publish import (
@@ -50,6 +49,7 @@ from tasks.publish import (
     validate_repository,
 )
 from tasks.spec import TransformSpec
+from tests.triton_support import raw_rows_with_edge_cases
 
 BATCHING = {"max_batch_size": 4096, "preferred_batch_sizes": [256, 1024], "max_queue_delay_us": 100}
 PARITY_ROWS = 400
@@ -74,18 +74,7 @@ def spec(bundles: dict[str, Path]) -> TransformSpec:
 
 @pytest.fixture(scope="module")
 def raw_rows(trained: tuple[EtlOutput, dict[str, Path]], spec: TransformSpec) -> dict[str, Any]:
-    """Raw test rows plus rows with a missing amount, channel and timestamp, an unseen country
-    and an unseen card: the cases where the wire encoding could lose information."""
-    frame = pd.read_parquet(trained[0].raw_test_dir).sort_values(spec.id_column)
-    frame = frame.head(PARITY_ROWS).reset_index(drop=True)
-    edge = frame.head(5).copy()
-    edge.loc[0, "amount"] = np.nan
-    edge.loc[1, "channel"] = None
-    edge.loc[2, "country"] = "ZZ"
-    edge.loc[3, "card_id"] = 10**12
-    edge.loc[4, "timestamp"] = pd.NaT
-    both = pd.concat([frame, edge], ignore_index=True)
-    return frame_to_raw(both, spec.raw_columns)
+    return raw_rows_with_edge_cases(trained[0].raw_test_dir, spec, PARITY_ROWS)
 
 
 def publish_both(bundles: dict[str, Path], repo: Path, version: int = 1) -> dict[str, Any]:
