@@ -63,6 +63,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--work", type=Path, default=Path(".gpupipe/bench-scoring"), help="work dir")
     p.add_argument("--no-warm", action="store_true", help="skip the warm-cluster flow run")
     p.add_argument("--no-naive-all", action="store_true", help="skip naive with all threads (CPU)")
+    p.add_argument(
+        "--cpu-check-files",
+        type=int,
+        default=2,
+        help="files whose flow scores are checked against the model on the CPU (0 = none; "
+        "all of them for the 20M-row GPU run: --cpu-check-files 20)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help=f"tiny sizes: {QUICK}")
     p.add_argument("--out", type=Path, help="write the results here as JSON")
@@ -366,6 +373,41 @@ def compare_scores(
     return worst
 
 
+# GPU and CPU XGBoost sum a row's trees in other orders in float32 (tests/flows/
+# test_batch_scoring.py::test_gpu_flow_matches_the_cpu_model holds the flow to the same bound)
+CPU_MODEL_SCORE_ATOL = 1e-5
+
+
+def cpu_model_diff(
+    flow_out: Path, files: list[Path], bundle_dir: Path, n: int
+) -> tuple[float, int]:
+    """Largest |flow score - CPU model score| over the first `n` files, and the rows compared:
+    the model loaded in this process on the CPU (XGBoost's CPU predictor, pandas transform), the
+    reference for a GPU run. Rows are matched by id."""
+    import pandas as pd
+
+    from tasks.bundle import LoadedBundle, frame_to_raw
+
+    bundle = LoadedBundle.load(bundle_dir, "xgboost", device="cpu")
+    spec = bundle.spec
+    worst, rows = 0.0, 0
+    for f in files[:n]:
+        frame = pd.read_parquet(f, columns=spec.raw_columns)
+        want = pd.Series(
+            bundle.predict_raw(frame_to_raw(frame, spec.raw_columns)).astype(np.float64),
+            index=frame[spec.id_column].to_numpy(),
+        )
+        flow_file = next(flow_out.glob(f"{f.stem}-*.parquet"))
+        got = pd.read_parquet(flow_file, columns=[spec.id_column, "score"])
+        if len(got) != len(want) or not got[spec.id_column].isin(want.index).all():
+            return math.inf, rows
+        served = got["score"].to_numpy(np.float64)
+        expected = want.loc[got[spec.id_column].to_numpy()].to_numpy()
+        worst = max(worst, float(np.max(np.abs(served - expected))) if len(got) else 0.0)
+        rows += len(got)
+    return worst, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from flows.cli import cli_prefect_settings
@@ -435,6 +477,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
     if summary["rows"]["scored"] != args.rows:
         raise SystemExit(f"flow scored {summary['rows']['scored']} rows, expected {args.rows}")
     diff = compare_scores(work / "out-flow", naive_out, files)
+    cpu_diff, cpu_rows = (
+        cpu_model_diff(work / "out-flow", files, bundle, args.cpu_check_files)
+        if args.cpu_check_files
+        else (math.nan, 0)
+    )
 
     if not args.no_warm:
         from tasks.backend import resolve_backend
@@ -481,6 +528,10 @@ def run_benchmark(args: argparse.Namespace) -> int:
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
         "max_abs_score_diff_flow_vs_naive": diff,
+        "max_abs_score_diff_flow_vs_cpu_model": cpu_diff,
+        "cpu_model_rows_compared": cpu_rows,
+        "cpu_model_atol": CPU_MODEL_SCORE_ATOL,
+        "matches_cpu_model": bool(cpu_rows) and cpu_diff <= CPU_MODEL_SCORE_ATOL,
         "prefect_heartbeats": "off (no Prefect server)" if heartbeats_off else "on",
     }
     if args.device == "cpu":
@@ -506,6 +557,11 @@ def run_benchmark(args: argparse.Namespace) -> int:
             f"{r['speedup_vs_naive']:>10.2f}"
         )
     print(f"max |flow - naive| score: {diff:.3g}")
+    if cpu_rows:
+        print(
+            f"max |flow - CPU model| score over {cpu_rows:,} rows: {cpu_diff:.3g} "
+            f"(tolerance {CPU_MODEL_SCORE_ATOL:g}: {report['matches_cpu_model']})"
+        )
     print(
         f"goal: {report['goal']}: own cluster end to end {report['goal_met_end_to_end']}, "
         f"best flow measure {report['goal_met_best_flow_measure']}"
