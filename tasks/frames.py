@@ -16,6 +16,7 @@ import dask
 from dask.base import is_dask_collection
 
 from tasks.config import EtlFrames
+from tasks.gpu_features import is_cudf
 
 PART_FILE = "part.0.parquet"  # the name dask gives the first partition's file
 
@@ -54,7 +55,7 @@ def write_parquet_dir(frame: Any, directory: Path, *, delta: Sequence[str] = ())
 
     Columns in `delta` (integer ids) are written DELTA_BINARY_PACKED: `delta_encoding`."""
     sample = frame._meta if is_lazy(frame) else frame
-    options = delta_encoding(list(sample.columns), delta, cudf_writer=is_cudf_frame(sample))
+    options = delta_encoding(list(sample.columns), delta, cudf_writer=is_cudf(sample))
     if is_lazy(frame):
         frame.to_parquet(str(directory), write_index=False, **options)
         return
@@ -79,10 +80,6 @@ def delta_encoding(
     if cudf_writer:
         return {"column_encoding": encoding}
     return {"column_encoding": encoding, "use_dictionary": [c for c in columns if c not in chosen]}
-
-
-def is_cudf_frame(frame: Any) -> bool:
-    return type(frame).__module__.split(".")[0] == "cudf"
 
 
 # Peak device memory of the in-memory ETL over the raw columns' bytes: the raw table, its
