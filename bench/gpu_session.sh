@@ -3,6 +3,7 @@
 #   bash bench/gpu_session.sh check      # versions, GPU tests, kernel bandwidth benchmark
 #   bash bench/gpu_session.sh pipeline   # ETL + training, GPU vs 16-core CPU, same data, same run
 #   bash bench/gpu_session.sh scoring    # 20M-row batch scoring, flow vs naive loop, GPU
+#   bash bench/gpu_session.sh scoring_cpu_check  # the 20M-row GPU flow's scores against the CPU model
 #   bash bench/gpu_session.sh run        # the whole training pipeline (gpupipe run) on GPU
 #   bash bench/gpu_session.sh multigpu   # 1 vs 2 GPUs: xgboost.dask training and batch scoring
 #   bash bench/gpu_session.sh profile    # per-step GPU scoring profile (after `scoring`)
@@ -310,6 +311,13 @@ g($rows, Path('/tmp/gpupipe-bench/data-$rows'), seed=0); g(${WARMUP_ROWS:-300000
     part "bench_scoring${TAG:-}" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
       --device gpu --work /tmp/gpupipe-bench-scoring --out "$out/bench_scoring${TAG:-}.json" \
       ${SCORING_ARGS:-}
+    ;;
+  scoring_cpu_check)  # issue 4's last "done when" item: a 20M-row GPU flow run whose scores are
+    # compared with the model on the CPU, every file, matched by id (tolerance 1e-5)
+    part bench_scoring_cpu_check $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
+      --device gpu --no-warm --cpu-check-files "${FILES:-20}" --work /tmp/gpupipe-bench-scoring \
+      --out "$out/bench_scoring_cpu_check.json"
+    grep -h "CPU model" "$out/bench_scoring_cpu_check.log"
     ;;
   scoring_ab)  # bench_scoring with two settings in A B B A order on one machine (in the ninth
     # session the order of two back-to-back runs moved the 200M-row results by about 0.5 s):
