@@ -698,8 +698,13 @@ def histograms(matrix: Any, names: Sequence[str], bins: int) -> dict[str, Histog
 
 
 def delta_id_columns(frame: Any, id_col: str) -> list[str]:
-    """The id column when it holds integers (written delta-encoded), else nothing."""
-    return [id_col] if id_col in frame.columns and frame[id_col].dtype.kind in "iu" else []
+    """The id column when it holds 64-bit signed integers (written delta-encoded), else nothing.
+    Other integer widths keep the default encoding: int64 is the type tested through both
+    writers, cuDF's on a GPU included."""
+    if id_col not in frame.columns:
+        return []
+    dtype = frame[id_col].dtype
+    return [id_col] if dtype.kind == "i" and dtype.itemsize == 8 else []
 
 
 def raw_dtypes(frame: Any) -> dict[str, str]:

@@ -824,3 +824,6 @@ def test_string_ids_are_not_delta_encoded() -> None:
         "id"
     ]
     assert delta_id_columns(pd.DataFrame({"id": [1.0, 2.0]}), "id") == []
+    assert delta_id_columns(pd.DataFrame({"id": np.array([1, 2], np.uint64)}), "id") == []
+    assert delta_id_columns(pd.DataFrame({"id": np.array([1, 2], np.int32)}), "id") == []
+    assert delta_id_columns(pd.DataFrame({"x": [1, 2]}), "id") == []
