@@ -127,10 +127,13 @@ def scorer_mismatch(directory: Path, meta: Mapping[str, Any], kind: str) -> str 
     return None
 
 
-def check_scorer(directory: Path, kind: str) -> None:
-    """Raise ValueError when the `kind` of scorer cannot score the bundle in `directory` (checked
-    on the driver before any worker loads it)."""
-    problem = scorer_mismatch(directory, read_bundle_json(directory), kind)
+def check_scorer(directory: Path, kind: str, meta: Mapping[str, Any] | None = None) -> None:
+    """Raise ValueError when the `kind` of scorer cannot score the bundle in `directory` (its
+    bundle.json, or `meta` when already read). The flow checks on the driver before any worker
+    loads the bundle; `load_scorer` checks again where it loads."""
+    problem = scorer_mismatch(
+        directory, read_bundle_json(directory) if meta is None else meta, kind
+    )
     if problem is not None:
         raise ValueError(problem)
 
@@ -139,9 +142,7 @@ def load_scorer(
     directory: Path, meta: Mapping[str, Any], kind: ScorerKind, device: str = "cpu"
 ) -> Scorer:
     """The in-process scorer of a bundle; `xgboost` needs an XGBoost bundle."""
-    problem = scorer_mismatch(directory, meta, kind)
-    if problem is not None:
-        raise ValueError(problem)
+    check_scorer(directory, kind, meta)
     if kind == "xgboost":
         return XGBoostScorer.load(directory / meta["native_file"], device=device)
     return OnnxScorer.load(directory / meta["onnx_file"], meta["onnx_input"], meta["onnx_output"])

@@ -44,6 +44,7 @@ from tasks.gpu_features import (
     column_values,
     has_nulls,
     is_cudf,
+    numpy_dtype,
     preprocess,
     timestamps_us,
     to_host,
@@ -490,7 +491,7 @@ def grouped_fold_sums(
 
 def integer_keys(series: Any) -> bool:
     """Whether a key column holds integers that fit int64 (the array path of fit_entity)."""
-    dtype = getattr(series.dtype, "numpy_dtype", series.dtype)
+    dtype = numpy_dtype(series)
     if not isinstance(dtype, np.dtype):  # strings, categories, other extension types
         return False
     return dtype.kind == "i" or (dtype.kind == "u" and dtype.itemsize < 8)
@@ -506,7 +507,7 @@ def integer_key_fold_sums(
     H100). Rows with a missing key are left out, as the grouping drops them."""
     xp = array_module(train)
     column = train[key]
-    keys = column_values(column, getattr(column.dtype, "numpy_dtype", column.dtype), 0)
+    keys = column_values(column, numpy_dtype(column), 0)
     folds = column_values(train[FOLD_COLUMN], np.int64, 0)
     labels = column_values(train[target], np.float64, np.nan)
     values = column_values(train[value], np.float64, np.nan)

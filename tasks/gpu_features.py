@@ -54,6 +54,12 @@ def column_values(series: Any, dtype: Any, na_value: Any) -> Any:
     return series.to_numpy(dtype=dtype, na_value=na_value)
 
 
+def numpy_dtype(series: Any) -> Any:
+    """A column's NumPy dtype: pandas' nullable types (Int64, ...) give the type they wrap;
+    other extension types (strings, categories) come back as they are."""
+    return getattr(series.dtype, "numpy_dtype", series.dtype)
+
+
 def has_nulls(series: Any) -> bool:
     """Whether a pandas or cuDF column has missing values (cuDF keeps the count as metadata)."""
     if is_cudf(series):
@@ -185,8 +191,7 @@ class KeyIndex:
             vals = xp.where(present, vals, keys[0]).astype(keys.dtype)
         else:
             # a pandas nullable integer column (Int64) reads as its NumPy type
-            dtype = getattr(series.dtype, "numpy_dtype", series.dtype)
-            vals = column_values(series, dtype, 0).astype(keys.dtype, copy=False)
+            vals = column_values(series, numpy_dtype(series), 0).astype(keys.dtype, copy=False)
             present = None
         if self.direct is not None:
             offset = vals.astype(xp.int64) - self.direct_base
