@@ -9,7 +9,7 @@ import queue
 import socket
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any
@@ -104,6 +104,48 @@ def stop_server(server: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         server.kill()
         server.wait()
+
+
+@contextlib.contextmanager
+def serving(
+    server_args: Sequence[str],
+    repo: Path,
+    names: Sequence[str],
+    version: int,
+    timeout_s: float,
+    log: Path,
+    *,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Iterator[Any]:
+    """A `tritonserver` (`server_args`: the binary, then any options beyond the repository and
+    ports) serving `repo` on a free gRPC port, its output in `log`: a gRPC client once every
+    model in `names` is ready at `version`; the server is stopped on the way out."""
+    import tritonclient.grpc as grpcclient
+
+    port = free_port()
+    cmd = [
+        *server_args,
+        f"--model-repository={repo}",
+        f"--grpc-port={port}",
+        "--allow-http=false",
+        "--allow-metrics=false",
+    ]
+    with open(log, "wb") as sink:
+        server = subprocess.Popen(
+            cmd,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            env=None if env is None else dict(env),
+            cwd=cwd,
+        )
+    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
+    try:
+        wait_until_ready(client, names, version, timeout_s, server, log)
+        yield client
+    finally:
+        client.close()
+        stop_server(server)
 
 
 def publish_kinds(

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -34,13 +33,11 @@ from tasks.bundle import LoadedBundle
 from tasks.etl import EtlOutput
 from tasks.publish import PublishedModels
 from tests.triton_support import (
-    free_port,
     infer_concurrently,
     publish_kinds,
     raw_rows_with_edge_cases,
     request_inputs,
-    stop_server,
-    wait_until_ready,
+    serving,
 )
 
 KINDS = ("xgboost", "mlp")
@@ -129,38 +126,23 @@ def triton(
     published: dict[str, PublishedModels], tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
     """A gRPC client of a real server with every published preprocess model ready."""
-    import tritonclient.grpc as grpcclient
-
     assert SERVER is not None
     work = tmp_path_factory.mktemp("triton-python-server")
     names = [p.names.preprocess for p in published.values()]
-    port = free_port()
-    cmd = [
+    args = [
         str(SERVER.binary),
-        f"--model-repository={next(iter(published.values())).repo}",
         f"--backend-directory={backend_directory(SERVER, work / 'backends')}",
         "--model-control-mode=explicit",
         *(f"--load-model={n}" for n in names),
-        f"--grpc-port={port}",
-        "--allow-http=false",
-        "--allow-metrics=false",
     ]
+    repo = next(iter(published.values())).repo
     log = work / "tritonserver.log"
-    with open(log, "wb") as sink:
-        server = subprocess.Popen(  # in STUB_SITE: see the module docstring
-            cmd,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=server_environment(SERVER),
-            cwd=STUB_SITE,
-        )
-    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
-    try:
-        wait_until_ready(client, names, VERSION, START_TIMEOUT_S, server, log)
+    env = server_environment(SERVER)
+    # in STUB_SITE: see the module docstring
+    with serving(
+        args, repo, names, VERSION, START_TIMEOUT_S, log, env=env, cwd=STUB_SITE
+    ) as client:
         yield client
-    finally:
-        client.close()
-        stop_server(server)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -33,12 +32,11 @@ from tasks.publish import (
 )
 from tasks.spec import TransformSpec
 from tests.triton_support import (
-    free_port,
     infer_concurrently,
     publish_kinds,
     raw_rows_with_edge_cases,
     request_inputs,
-    stop_server,
+    serving,
     wait_until_ready,
 )
 
@@ -109,23 +107,8 @@ def triton(
 
     repo = next(iter(published.values())).repo
     log = tmp_path_factory.mktemp("triton-log") / "tritonserver.log"
-    port = free_port()
-    cmd = [
-        "tritonserver",
-        f"--model-repository={repo}",
-        f"--grpc-port={port}",
-        "--allow-http=false",
-        "--allow-metrics=false",
-    ]
-    with open(log, "wb") as sink:
-        server = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT)
-    client = grpcclient.InferenceServerClient(url=f"127.0.0.1:{port}")
-    try:
-        wait_until_ready(client, names, VERSION, START_TIMEOUT_S, server, log)
+    with serving(["tritonserver"], repo, names, VERSION, START_TIMEOUT_S, log) as client:
         yield client
-    finally:
-        client.close()
-        stop_server(server)
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,15 @@ from tasks.io import DataError
 from tasks.numpy_features import transform_raw
 
 GPU_OK, GPU_WHY = probe_gpu()
+ON_GPU = [pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
+# a pandas frame, and a cuDF one where a GPU is usable
+FRAME_KINDS = ["pandas", pytest.param("cudf", marks=ON_GPU)]
+# the ETL's two ways of holding the table on CPU, and the in-memory one on a GPU
+FRAMES_AND_DEVICES = [
+    ("dask", "cpu"),
+    ("single", "cpu"),
+    pytest.param("single", "gpu", marks=ON_GPU),
+]
 
 CPU = resolve_backend("cpu")
 
@@ -345,15 +354,7 @@ def test_a_failed_transform_save_on_its_thread_fails_the_etl(
     assert not list(out_root.glob("*/etl.json"))
 
 
-@pytest.mark.parametrize(
-    "frame_kind",
-    [
-        "pandas",
-        pytest.param(
-            "cudf", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
-        ),
-    ],
-)
+@pytest.mark.parametrize("frame_kind", FRAME_KINDS)
 def test_fit_entity_on_a_small_table(frame_kind: str) -> None:
     """Totals are the folds' sums; an entity without values takes the priors; the out-of-fold
     rate leaves out exactly that fold's rows. The same on a cuDF frame (the GPU path)."""
@@ -390,15 +391,7 @@ def test_fit_entity_on_a_small_table(frame_kind: str) -> None:
     assert oof[0, 3] == pytest.approx(lookup["target_rate"][0])
 
 
-@pytest.mark.parametrize(
-    "frame_kind",
-    [
-        "pandas",
-        pytest.param(
-            "cudf", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
-        ),
-    ],
-)
+@pytest.mark.parametrize("frame_kind", FRAME_KINDS)
 def test_integer_key_sums_equal_the_grouping(frame_kind: str, test_seed: int) -> None:
     """The array path of fit_entity (integer keys of an in-memory frame) gives the grouping's
     sorted keys and per-(entity, fold) sums: with missing keys (left out), missing values,
@@ -436,16 +429,7 @@ def to_numpy(values: Any) -> np.ndarray:
     return values.get() if hasattr(values, "get") else np.asarray(values)
 
 
-@pytest.mark.parametrize(
-    ("frames", "device"),
-    [
-        ("dask", "cpu"),
-        ("single", "cpu"),
-        pytest.param(
-            "single", "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
-        ),
-    ],
-)
+@pytest.mark.parametrize(("frames", "device"), FRAMES_AND_DEVICES)
 def test_string_entity_keys(tmp_path: Path, test_seed: int, frames: str, device: str) -> None:
     """An entity keyed by strings (with missing keys and values, non-ASCII keys): the lookup
     holds the sorted distinct training keys with their count, mean and std, as pandas computes
@@ -754,16 +738,7 @@ def column_encodings(directory: Path, column: str) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize(
-    ("frames", "device"),
-    [
-        ("dask", "cpu"),
-        ("single", "cpu"),
-        pytest.param(
-            "single", "gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)]
-        ),
-    ],
-)
+@pytest.mark.parametrize(("frames", "device"), FRAMES_AND_DEVICES)
 def test_integer_ids_are_written_delta_encoded_and_exact(
     tmp_path: Path, test_seed: int, frames: str, device: str
 ) -> None:
