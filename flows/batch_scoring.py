@@ -260,6 +260,7 @@ def batch_scoring(
                 batch_rows=cfg.scoring.batch_rows,
                 batch_read_threads=cfg.scoring.batch_read_threads,
                 output_compression=cfg.scoring.output_compression,
+                output_id_encoding=cfg.scoring.output_id_encoding,
             )
             cluster_cfg = scoring.scoring_cluster_config(cfg, dev)
             result = score_partitions_task(

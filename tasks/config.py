@@ -134,6 +134,8 @@ class PublishConfig(_Strict):
 OutputCompression = Literal["snappy", "lz4", "zstd", "none"]
 # The predictions files' codec unless scoring.output_compression says otherwise.
 OUTPUT_COMPRESSION: OutputCompression = "snappy"
+# How the predictions files store an int64 id column: DELTA_BINARY_PACKED or PLAIN.
+OutputIdEncoding = Literal["delta", "plain"]
 
 
 class ScoringConfig(_Strict):
@@ -191,6 +193,13 @@ class ScoringConfig(_Strict):
         default=OUTPUT_COMPRESSION,
         description="Parquet codec of the predictions files: snappy (read everywhere), lz4 "
         "(LZ4_RAW: needs a reader from parquet-format 2.9 on), zstd (smallest) or none.",
+    )
+    output_id_encoding: OutputIdEncoding = Field(
+        default="delta",
+        description="How the predictions files store an int64 id column: delta "
+        "(DELTA_BINARY_PACKED: a few bits per row for increasing ids, read by pyarrow, Spark, "
+        "DuckDB, polars and cuDF) or plain (for readers without parquet v2 encodings). Ids of "
+        "other types are written plain either way.",
     )
     batch_read_threads: int = Field(
         default=0,

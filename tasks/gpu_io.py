@@ -95,10 +95,15 @@ def is_key_on_stream(ids: Any) -> bool:
 
 
 def write_parquet_on_stream(
-    frame: Any, offsets: Sequence[int], paths: Sequence[Path], compression: str
+    frame: Any,
+    offsets: Sequence[int],
+    paths: Sequence[Path],
+    compression: str,
+    delta_columns: Sequence[str] = (),
 ) -> None:
     """Rows `offsets[i]:offsets[i+1]` of a cuDF `frame` to `paths[i]`, one call, encoded and
-    compressed on this thread's stream; returns when every file is written.
+    compressed on this thread's stream; returns when every file is written. The
+    `delta_columns` (integers) are stored DELTA_BINARY_PACKED.
 
     The frame's columns must be complete on the stream that made them (the caller synchronised
     it). No index and no pandas metadata are written; column names and types are the frame's.
@@ -120,6 +125,10 @@ def write_parquet_on_stream(
         metadata = plc.io.types.TableInputMetadata(table)
         for i, name in enumerate(frame._column_names):
             metadata.column_metadata[i].set_name(str(name))
+            if name in delta_columns:
+                metadata.column_metadata[i].set_encoding(
+                    plc.io.types.ColumnEncoding.DELTA_BINARY_PACKED
+                )
         options = (
             plc.io.parquet.ParquetWriterOptions.builder(
                 plc.io.SinkInfo([str(p) for p in paths]), table

@@ -28,6 +28,7 @@ from tasks.scoring import (
     MANIFEST_DIR,
     InputPartition,
     ManifestEntry,
+    OutputFormat,
     RunTotals,
     ScoringError,
     ScoringJob,
@@ -754,9 +755,9 @@ class _Recording:
             with self._lock:
                 self.reading -= 1
 
-    def write_batch(self, table: Any, offsets: Any, paths: list[Path], compression: str) -> None:
+    def write_batch(self, table: Any, offsets: Any, paths: list[Path], fmt: OutputFormat) -> None:
         self.calls.append(("write_batch", [str(b - a) for a, b in pairwise(offsets)]))
-        self.engine.write_batch(table, offsets, paths, compression)
+        self.engine.write_batch(table, offsets, paths, fmt)
 
     def of(self, kind: str) -> list[list[str]]:
         return [names for k, names in self.calls if k == kind]
@@ -847,6 +848,68 @@ def test_output_compression_sets_the_codec_not_the_contents(
         assert codecs == {CODEC_NAMES[codec]}
         before = pq.read_metadata(tmp_path / "snappy" / str(entry.output))
         assert before.row_group(0).column(0).compression == "SNAPPY"  # the default
+
+
+def column_encodings(path: Path, column: str) -> set[str]:
+    """Every encoding of `column`'s chunks in a parquet file, as its metadata lists them."""
+    meta = pq.read_metadata(path)
+    index = meta.schema.names.index(column)
+    return {
+        encoding
+        for g in range(meta.num_row_groups)
+        for encoding in meta.row_group(g).column(index).encodings
+    }
+
+
+def assert_id_encoding(out: Path, entries: list[ManifestEntry], id_encoding: str) -> None:
+    """The id column of every predictions file DELTA_BINARY_PACKED (delta) or not (plain); no
+    other column delta-encoded either way."""
+    for entry in entries:
+        path = out / str(entry.output)
+        delta = "DELTA_BINARY_PACKED" in column_encodings(path, "transaction_id")
+        assert delta == (id_encoding == "delta"), (path, column_encodings(path, "transaction_id"))
+        for column in pq.read_schema(path).names:
+            if column != "transaction_id":
+                assert "DELTA_BINARY_PACKED" not in column_encodings(path, column), column
+
+
+@pytest.mark.parametrize("batch_rows", [0, 10**9])  # a file at a time (streamed); batches
+def test_int64_ids_are_written_delta_encoded_unless_plain_is_asked(
+    batch_rows: int, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> None:
+    """Delta by default: same rows and scores as plain, in smaller files; plain on request."""
+    parts = write_parts(base_frame, tmp_path / "in", 3)
+    plain_out = tmp_path / "plain"
+    plain_job = make_job(bundle_dir, plain_out, batch_rows=batch_rows, output_id_encoding="plain")
+    plain = score(plain_job, parts)
+    assert_id_encoding(plain_out, plain, "plain")
+    out = tmp_path / "delta"
+    got = score(make_job(bundle_dir, out, batch_rows=batch_rows), parts)
+    assert_same_results(got, out, plain, plain_out)
+    assert_id_encoding(out, got, "delta")
+    for g, p in zip(got, plain, strict=True):
+        assert (out / str(g.output)).stat().st_size < (plain_out / str(p.output)).stat().st_size
+
+
+def test_output_format_delta_encodes_only_int64_ids() -> None:
+    """The writer options of each writer: only an int64 id column is delta-encoded, and only
+    when asked; the codec and the dictionary columns are the same either way."""
+    delta, plain = OutputFormat("zstd", "delta"), OutputFormat("zstd", "plain")
+    want = {"id": "DELTA_BINARY_PACKED"}
+    assert delta.arrow_options("id", pa.int64())["column_encoding"] == want
+    assert delta.cudf_options("id", np.dtype(np.int64)) == {
+        "compression": "ZSTD", "column_encoding": want
+    }  # fmt: skip
+    for id_type, id_dtype in [(pa.int32(), np.int32), (pa.string(), object), (pa.float64(), float)]:
+        assert "column_encoding" not in delta.arrow_options("id", id_type)
+        assert delta.cudf_options("id", np.dtype(id_dtype)) == {"compression": "ZSTD"}
+    assert "column_encoding" not in plain.arrow_options("id", pa.int64())
+    assert plain.cudf_options("id", np.dtype(np.int64)) == {"compression": "ZSTD"}
+    for fmt in (delta, plain):
+        options = fmt.arrow_options("id", pa.int64())
+        assert options["compression"] == "zstd"
+        assert "id" not in options["use_dictionary"]
+    assert OutputFormat("none").cudf_compression is None
 
 
 class _FailingScores:
@@ -1086,7 +1149,7 @@ class _FailingWrites:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
-    def write_batch(self, table: Any, offsets: Any, paths: list[Path], compression: str) -> None:
+    def write_batch(self, table: Any, offsets: Any, paths: list[Path], fmt: OutputFormat) -> None:
         pq.write_table(table.slice(0, 1), paths[0])  # a partial write, then the failure
         raise self.exc
 
@@ -1239,6 +1302,35 @@ def test_gpu_output_compression_sets_the_codec(
         }
         # libcudf stores a chunk uncompressed where the codec would not shrink it
         assert CODEC_NAMES[codec] in codecs and codecs <= {CODEC_NAMES[codec], "UNCOMPRESSED"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+@pytest.mark.parametrize(("gpu_io", "gpu_streams"), GPU_IO_SETTINGS)
+@pytest.mark.parametrize("id_encoding", ["delta", "plain"])
+def test_gpu_output_id_encoding(
+    id_encoding: str,
+    gpu_io: str,
+    gpu_streams: bool,
+    bundle_dir: Path,
+    base_frame: pd.DataFrame,
+    tmp_path: Path,
+) -> None:
+    """Each GPU writer (batches, and a file streamed in chunks) stores int64 ids as asked, with
+    the rows and scores of the CPU's files."""
+    parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 2000], row_group_size=500)
+    want = score(make_job(bundle_dir, tmp_path / "cpu", partition_rows=1500), parts)
+    out = tmp_path / "gpu"
+    job = make_job(
+        bundle_dir, out, device="gpu", gpu_io=gpu_io, gpu_streams=gpu_streams,
+        partition_rows=1500, output_id_encoding=id_encoding,
+    )  # fmt: skip
+    got = score(job, parts)
+    assert [e.rows_scored for e in got] == [e.rows_scored for e in want]
+    a, b = outputs(tmp_path / "cpu"), outputs(out)
+    np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
+    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    assert_id_encoding(out, got, id_encoding)
 
 
 # ---------------------------------------------------------------- cluster helpers
