@@ -37,7 +37,6 @@ from tasks.frames import (
     persisted,
     use_single_frame,
     write_parquet_dir,
-    write_parquet_dirs,
 )
 from tasks.gpu_features import (
     DeviceTransform,
@@ -407,7 +406,7 @@ def entity_value_columns(part: Any, *, value: str) -> Any:
 
 def fit_entity(
     train: Any, key: str, value: str, target: str, prior: float, smoothing: float
-) -> tuple[EntityTable, dict[str, npt.NDArray[Any]], Any]:
+) -> tuple[EntityTable, dict[str, npt.NDArray[Any]], npt.NDArray[np.float64]]:
     """Per-entity count, mean and std of `value` and smoothed target rate, from training rows.
 
     Also returns the out-of-fold target rates (n_keys, TARGET_FOLDS) that training rows get, so a
@@ -424,15 +423,11 @@ def fit_entity(
     else:
         keys_sorted, by_fold = grouped_fold_sums(train, key, value, target)
     xp = array_module_of(by_fold["count"])
-    summed = xp.stack([by_fold[name].sum(axis=1) for name in ENTITY_SUMS])
-    totals = dict(zip(ENTITY_SUMS, to_host(summed), strict=True))  # one copy, one wait
+    totals = {name: to_host(table.sum(axis=1)) for name, table in by_fold.items()}
     # an entity's rate without one fold's rows: its totals less that fold's sums
-    pos_out = summed[ENTITY_SUMS.index("pos")][:, None] - by_fold["pos"]
-    count_out = summed[ENTITY_SUMS.index("count")][:, None] - by_fold["count"]
-    rates = (pos_out + smoothing * prior) / (count_out + smoothing)
-    # in memory the rates stay where the rows are, which is where derived_partition uses them;
-    # dask ships them to its partitions in the graph, from the host
-    oof = to_host(rates) if is_lazy(train) else rates
+    pos_out = xp.asarray(totals["pos"])[:, None] - by_fold["pos"]
+    count_out = xp.asarray(totals["count"])[:, None] - by_fold["count"]
+    oof = to_host((pos_out + smoothing * prior) / (count_out + smoothing))
 
     n_values, sums, squares = totals["value_count"], totals["value_sum"], totals["square_sum"]
     prior_mean, prior_std = mean_and_std(n_values.sum(), sums.sum(), squares.sum())
@@ -822,22 +817,16 @@ def _run_etl(
         id_col=d.id,
     )
     raw = persisted(raw)
-    # Host I/O beside other work: the transform files are saved on a thread while the features
-    # are computed and written. With dask the raw test split (final once rows are assigned) is
-    # written on a thread while the statistics are fitted: its graph runs beside theirs on the
-    # cluster. In memory it is written with the feature splits instead: on a GPU the early
-    # write's compression kernel (own stream) held up the fits' copies on CuPy's legacy default
-    # stream, 62 ms of the 20M-row entity stage on an H100 (CUPTI trace, docs/benchmarks.md).
-    # Everything is waited for before the output is complete; a failure on any thread waits
-    # for the others, then raises.
+    # Host I/O beside device work: the raw test split (final once rows are assigned) is written
+    # on a thread while the statistics are fitted, and the transform files while the features
+    # are computed and written. Both are waited for before the output is complete; a failure
+    # either side waits for the other, then raises.
     background = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gpupipe-etl-io")
     try:
         raw_test = raw[raw[SPLIT_COLUMN] == 2].drop(columns=[SPLIT_COLUMN, FOLD_COLUMN])
         delta = delta_id_columns(raw, d.id)
-        raw_test_written = (
-            background.submit(write_parquet_dir, raw_test, root / "raw_test", delta=delta)
-            if is_lazy(raw)
-            else None
+        raw_test_written = background.submit(
+            write_parquet_dir, raw_test, root / "raw_test", delta=delta
         )
         train = raw[raw[SPLIT_COLUMN] == 0]
         n_train, pos_train = computed(train[d.target].count(), train[d.target].sum())
@@ -908,20 +897,24 @@ def _run_etl(
 
         clock("writing feature parquet")
         matrix = map_frame(derived, matrix_partition, spec=spec.model_dump(), keep=keep)
-        outputs = [
-            (
-                matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN]),
-                root / "features" / split,
-            )
-            for code, split in enumerate(SPLITS)
+        parts = [
+            matrix[matrix[SPLIT_COLUMN] == code].drop(columns=[SPLIT_COLUMN])
+            for code in range(len(SPLITS))
         ]
-        if raw_test_written is None:
-            outputs.append((raw_test, root / "raw_test"))
-        write_parquet_dirs(outputs, delta=delta)
+        if is_lazy(matrix):
+            for split, part in zip(SPLITS, parts, strict=True):
+                write_parquet_dir(part, root / "features" / split, delta=delta)
+        else:
+            with ThreadPoolExecutor(len(SPLITS), thread_name_prefix="gpupipe-etl-split") as pool:
+                written = [
+                    pool.submit(write_parquet_dir, part, root / "features" / split, delta=delta)
+                    for split, part in zip(SPLITS, parts, strict=True)
+                ]
+                for w in written:
+                    w.result()
         counts = _to_pandas(compute(derived[SPLIT_COLUMN].value_counts()))
         rows = {split: int(counts.get(code, 0)) for code, split in enumerate(SPLITS)}
-        if raw_test_written is not None:
-            raw_test_written.result()
+        raw_test_written.result()
         transform_saved.result()
     finally:
         background.shutdown(wait=True)

@@ -9,7 +9,6 @@ building, tokenizing and scheduling, which cost more than the cuDF work itself (
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,26 +61,6 @@ def write_parquet_dir(frame: Any, directory: Path, *, delta: Sequence[str] = ())
         return
     directory.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(directory / PART_FILE, index=False, **options)
-
-
-def write_parquet_dirs(outputs: Sequence[tuple[Any, Path]], *, delta: Sequence[str] = ()) -> None:
-    """Each (frame, directory) written by `write_parquet_dir`: dask collections one after
-    another (each write already runs on the whole cluster), in-memory frames on a thread each,
-    so that their host file I/O (most of a GPU write: docs/benchmarks.md) overlaps. Every write
-    finishes before the first failure is raised."""
-    if not outputs:
-        return
-    if any(is_lazy(frame) for frame, _ in outputs):
-        for frame, directory in outputs:
-            write_parquet_dir(frame, directory, delta=delta)
-        return
-    with ThreadPoolExecutor(len(outputs), thread_name_prefix="gpupipe-parquet") as pool:
-        written = [
-            pool.submit(write_parquet_dir, frame, directory, delta=delta)
-            for frame, directory in outputs
-        ]
-    for future in written:
-        future.result()
 
 
 def delta_encoding(

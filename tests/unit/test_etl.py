@@ -310,39 +310,29 @@ def test_split_by_time_cuts_puts_missing_timestamps_in_train() -> None:
     assert out[SPLIT_COLUMN].tolist() == [0, 1, 0, 1, 2]
 
 
-@pytest.mark.parametrize("frames", ["dask", "single"])
-@pytest.mark.parametrize("failing_dir", ["raw_test", "train", "test"])
+@pytest.mark.parametrize("failing_dir", ["raw_test", "train"])
 def test_a_failed_write_on_either_thread_fails_the_etl_and_leaves_no_output(
-    raw_dataset: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    failing_dir: str,
-    frames: str,
+    raw_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failing_dir: str
 ) -> None:
-    """The parquet outputs are written on several threads (dask: the raw test split beside the
-    fits; in memory: the splits and the raw test split together): a write that fails on any of
-    them fails the ETL after all finish, and no output is published. The failure is injected
-    into the real writer (a disk error cannot be made to order)."""
+    """The raw test split is written on a background thread beside the fits: a write that fails
+    there (or on the main thread) fails the ETL after both finish, and no output is published.
+    The failure is injected into the real writer (a disk error cannot be made to order)."""
     import tasks.etl
-    import tasks.frames
 
-    real_write = tasks.frames.write_parquet_dir
+    real_write = tasks.etl.write_parquet_dir
 
     def write_failing_once(frame: object, directory: Path, **options: Any) -> None:
         if directory.name == failing_dir:
             raise OSError(f"no space left on device (injected for {directory.name})")
         real_write(frame, directory, **options)
 
-    cfg = builtin_config(raw_dataset, tmp_path / "home").model_copy(update={"etl_frames": frames})
-    for module in (tasks.etl, tasks.frames):
-        monkeypatch.setattr(module, "write_parquet_dir", write_failing_once)
+    monkeypatch.setattr(tasks.etl, "write_parquet_dir", write_failing_once)
     out_root = tmp_path / "etl"
     with pytest.raises(OSError, match=f"injected for {failing_dir}"):
-        run_etl(cfg, CPU, out_root)
+        run_etl(builtin_config(raw_dataset, tmp_path / "home"), CPU, out_root)
     assert not list(out_root.glob("*/etl.json"))
-    for module in (tasks.etl, tasks.frames):
-        monkeypatch.setattr(module, "write_parquet_dir", real_write)
-    done = run_etl(cfg, CPU, out_root)  # a retry works
+    monkeypatch.setattr(tasks.etl, "write_parquet_dir", real_write)
+    done = run_etl(builtin_config(raw_dataset, tmp_path / "home"), CPU, out_root)  # a retry works
     assert sum(done.rows.values()) == len(pd.read_parquet(raw_dataset))
     assert len(pd.read_parquet(done.raw_test_dir)) == done.rows["test"]
 
@@ -395,7 +385,6 @@ def test_fit_entity_on_a_small_table(frame_kind: str) -> None:
         lookup["target_rate"],
         [(2 + m * prior) / (3 + m), (1 + m * prior) / (2 + m), m * prior / (1 + m)],
     )
-    oof = to_numpy(oof)  # CuPy for a cuDF frame: the rates stay on the device
     assert oof.shape == (3, TARGET_FOLDS)
     # key 1 without fold 1 (rows y=0 and y=1): one row, y=1; without fold 3 (no rows): all three
     assert oof[0, 1] == pytest.approx((1 + m * prior) / (1 + m))
