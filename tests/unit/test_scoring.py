@@ -1281,18 +1281,12 @@ def test_gpu_output_compression_sets_the_codec(
 ) -> None:
     """Each codec through each GPU writer (batches, and a file streamed in chunks): the codec
     in every column chunk, the rows and scores of the CPU's snappy files."""
-    parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 2000], row_group_size=500)
-    want = score(make_job(bundle_dir, tmp_path / "cpu", partition_rows=1500), parts)
     out = tmp_path / "gpu"
     job = make_job(
         bundle_dir, out, device="gpu", gpu_io=gpu_io, gpu_streams=gpu_streams,
         partition_rows=1500, output_compression=codec,
     )  # fmt: skip
-    got = score(job, parts)
-    assert [e.rows_scored for e in got] == [e.rows_scored for e in want]
-    a, b = outputs(tmp_path / "cpu"), outputs(out)
-    np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
-    np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
+    got = score_on_gpu_like_cpu(job, bundle_dir, base_frame, tmp_path)
     for entry in got:
         meta = pq.read_metadata(out / str(entry.output))
         codecs = {
@@ -1318,19 +1312,29 @@ def test_gpu_output_id_encoding(
 ) -> None:
     """Each GPU writer (batches, and a file streamed in chunks) stores int64 ids as asked, with
     the rows and scores of the CPU's files."""
-    parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 2000], row_group_size=500)
-    want = score(make_job(bundle_dir, tmp_path / "cpu", partition_rows=1500), parts)
     out = tmp_path / "gpu"
     job = make_job(
         bundle_dir, out, device="gpu", gpu_io=gpu_io, gpu_streams=gpu_streams,
         partition_rows=1500, output_id_encoding=id_encoding,
     )  # fmt: skip
+    got = score_on_gpu_like_cpu(job, bundle_dir, base_frame, tmp_path)
+    assert_id_encoding(out, got, id_encoding)
+
+
+def score_on_gpu_like_cpu(
+    job: ScoringJob, bundle_dir: Path, base_frame: pd.DataFrame, tmp_path: Path
+) -> list[ManifestEntry]:
+    """Three files (one larger than the jobs' 1,500 partition rows: streamed in chunks) scored
+    by the GPU `job` and by the CPU with default settings: the same rows, ids and scores (atol
+    1e-5). The GPU job's manifest entries."""
+    parts = write_sized(base_frame, tmp_path / "in", [1000, 1000, 2000], row_group_size=500)
+    want = score(make_job(bundle_dir, tmp_path / "cpu", partition_rows=1500), parts)
     got = score(job, parts)
     assert [e.rows_scored for e in got] == [e.rows_scored for e in want]
-    a, b = outputs(tmp_path / "cpu"), outputs(out)
+    a, b = outputs(tmp_path / "cpu"), outputs(Path(job.output_dir))
     np.testing.assert_array_equal(a["transaction_id"], b["transaction_id"])
     np.testing.assert_allclose(a["score"], b["score"], atol=1e-5)
-    assert_id_encoding(out, got, id_encoding)
+    return got
 
 
 # ---------------------------------------------------------------- cluster helpers
