@@ -56,6 +56,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "ids shifted (every id stays unique), which keeps generating 100M+ rows fast",
     )
     p.add_argument(
+        "--input-codec",
+        choices=["zstd", "snappy", "lz4", "none"],
+        default="zstd",
+        help="parquet codec of the input files (zstd: the generator's own; snappy: pyarrow's "
+        "and Spark's default), to see what the input's decode costs",
+    )
+    p.add_argument(
         "--partition-rows", type=int, default=0, help="flow partition_rows; 0 = rows per file"
     )
     p.add_argument("--workers", type=int, default=0, help="local cluster workers; 0 = default")
@@ -99,19 +106,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------- data and model
 
 
-def make_inputs(work: Path, rows: int, files: int, unique_rows: int, seed: int) -> list[Path]:
+def make_inputs(
+    work: Path, rows: int, files: int, unique_rows: int, seed: int, codec: str = ""
+) -> list[Path]:
     """`files` parquet files holding `rows` rows; beyond `unique_rows`, files are copies whose
     ids are shifted past every generated id, so ids stay unique across all files (as a real
-    input's would, and as the flow's whole-batch id check expects)."""
+    input's would, and as the flow's whole-batch id check expects). `codec`: the files' parquet
+    codec, the generator's (zstd) when empty."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from tasks.generate import generate_transactions
+    from tasks.generate import COMPRESSION, generate_transactions
+
+    codec = codec or COMPRESSION
 
     per_file = math.ceil(rows / files)
     unique_files = max(1, min(files, math.ceil(unique_rows / per_file)))
     src = work / f"unique-{unique_files}x{per_file}-s{seed}"
     made = generate_transactions(unique_files * per_file, src, seed=seed, rows_per_file=per_file)
-    inputs = work / f"input-{files}x{per_file}-s{seed}-unique-ids"
+    suffix = "" if codec == COMPRESSION else f"-{codec}"
+    inputs = work / f"input-{files}x{per_file}-s{seed}-unique-ids{suffix}"
     inputs.mkdir(parents=True, exist_ok=True)
     paths = [inputs / f"part-{i:05d}.parquet" for i in range(files)]
     id_span = unique_files * per_file  # generated ids are 1..id_span
@@ -122,10 +135,10 @@ def make_inputs(work: Path, rows: int, files: int, unique_rows: int, seed: int) 
             return
         copy, source = divmod(i, unique_files)
         tmp = dest.with_name(dest.name + ".tmp")
-        if copy == 0:
+        if copy == 0 and codec == COMPRESSION:
             shutil.copyfile(made[source], tmp)
         else:
-            shift_ids(made[source], tmp, "transaction_id", copy * id_span)
+            shift_ids(made[source], tmp, "transaction_id", copy * id_span, codec)
         tmp.rename(dest)
 
     with ThreadPoolExecutor(max_workers=min(16, files)) as pool:
@@ -133,17 +146,15 @@ def make_inputs(work: Path, rows: int, files: int, unique_rows: int, seed: int) 
     return paths
 
 
-def shift_ids(source: Path, dest: Path, id_column: str, offset: int) -> None:
-    """Copy a parquet file with `offset` added to its id column."""
+def shift_ids(source: Path, dest: Path, id_column: str, offset: int, codec: str) -> None:
+    """Copy a parquet file with `offset` added to its id column, written with `codec`."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
-
-    from tasks.generate import COMPRESSION
 
     table = pq.read_table(source)
     index = table.schema.get_field_index(id_column)
     shifted = pc.add(table.column(index), offset)
-    pq.write_table(table.set_column(index, id_column, shifted), dest, compression=COMPRESSION)
+    pq.write_table(table.set_column(index, id_column, shifted), dest, compression=codec)
 
 
 def build_champion(args: argparse.Namespace, work: Path) -> tuple[str, Path]:
@@ -435,7 +446,7 @@ def run_benchmark(args: argparse.Namespace) -> int:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    files = make_inputs(work, args.rows, args.files, args.unique_rows, args.seed)
+    files = make_inputs(work, args.rows, args.files, args.unique_rows, args.seed, args.input_codec)
     print(f"inputs: {args.rows:,} rows in {len(files)} file(s) ({time.perf_counter() - t0:.1f}s)")
     if not args.partition_rows:
         args.partition_rows = max(math.ceil(args.rows / args.files), 1)
