@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh pipeline   # ETL + training, GPU vs 16-core CPU, same data, same run
 #   bash bench/gpu_session.sh scoring    # 20M-row batch scoring, flow vs naive loop, GPU
 #   bash bench/gpu_session.sh scoring_cpu_check  # the 20M-row GPU flow's scores against the CPU model
+#   bash bench/gpu_session.sh input_codecs  # the scoring bench on inputs written zstd, then snappy
 #   bash bench/gpu_session.sh run        # the whole training pipeline (gpupipe run) on GPU
 #   bash bench/gpu_session.sh multigpu   # 1 vs 2 GPUs: xgboost.dask training and batch scoring
 #   bash bench/gpu_session.sh profile    # per-step GPU scoring profile (after `scoring`)
@@ -318,6 +319,15 @@ g($rows, Path('/tmp/gpupipe-bench/data-$rows'), seed=0); g(${WARMUP_ROWS:-300000
       --device gpu --no-warm --cpu-check-files "${FILES:-20}" --work /tmp/gpupipe-bench-scoring \
       --out "$out/bench_scoring_cpu_check.json"
     grep -h "CPU model" "$out/bench_scoring_cpu_check.log"
+    ;;
+  input_codecs)  # the same rows written zstd (the generator's codec) and snappy (pyarrow's and
+    # Spark's default): what the input's parquet decode costs the flow end to end
+    for codec in zstd snappy; do
+      part "bench_scoring_$codec" $py bench/bench_scoring.py --rows "$rows" --files "${FILES:-20}" \
+        --device gpu --work /tmp/gpupipe-bench-scoring --input-codec "$codec" \
+        --out "$out/bench_scoring_$codec.json"
+    done
+    grep -h "model cached)" "$out"/bench_scoring_zstd.log "$out"/bench_scoring_snappy.log
     ;;
   scoring_ab)  # bench_scoring with two settings in A B B A order on one machine (in the ninth
     # session the order of two back-to-back runs moved the 200M-row results by about 0.5 s):
