@@ -7,7 +7,10 @@ predictor (`Booster.inplace_predict` on a CuPy matrix), same model, same device 
 The model: XGBoost binary:logistic, `--trees` trees of depth `--depth` (hist on the GPU), fit on
 synthetic rows with missing values. Reports rows/s of each predictor (median of `--reps` timed
 calls after a warm-up, device-synchronised), kernel/XGBoost, the kernel's time for every tile in
-its autotune list, and the largest |difference| between the two predictors over all rows.
+its autotune list, and the largest |difference| between the two predictors over all rows: for
+the matrix row-major (as XGBoost and the scoring transform have it) and, with the same values,
+feature-major (each feature's values adjacent: a warp's lanes that split on one feature then
+load one cache line, where row-major costs a line per lane).
 Exits 0 with a message when no GPU is present.
 """
 
@@ -64,6 +67,47 @@ def median_seconds(fn: Callable[[], Any], reps: int, sync: Callable[[], None]) -
     return statistics.median(times)
 
 
+def time_layout(
+    x: Any,
+    want: Any,
+    xgboost_predict: Callable[[Any], Any],
+    kernel_predict: Callable[..., Any],
+    reps: int,
+    sync: Callable[[], None],
+) -> dict[str, Any]:
+    """One layout of the matrix: XGBoost's time, the kernel's (autotuned and every tile of its
+    autotune list) and the kernel's largest |difference| from `want` (XGBoost's row-major
+    scores)."""
+    import cupy
+
+    from kernels.tree_predict import AUTOTUNE_CONFIGS, best_config
+
+    got = cupy.from_dlpack(kernel_predict(x))
+    max_diff = float(cupy.abs(got - want).max())
+    try:  # XGBoost reads strided CuPy arrays through __cuda_array_interface__, or refuses them
+        xgb_s: float | None = median_seconds(lambda: xgboost_predict(x), reps, sync)
+    except (ValueError, TypeError, RuntimeError) as exc:  # xgboost.core.XGBoostError is one
+        print(f"XGBoost on this layout: {exc}")
+        xgb_s = None
+    tuned_s = median_seconds(lambda: kernel_predict(x), reps, sync)
+    tiles = {
+        f"BLOCK={b},warps={nw}": median_seconds(
+            lambda b=b, nw=nw: kernel_predict(x, block=b, num_warps=nw), reps, sync
+        )
+        for b, nw in AUTOTUNE_CONFIGS
+    }
+    best_tile = min(tiles, key=tiles.__getitem__)
+    return {
+        "max_abs_diff_vs_xgboost": max_diff,
+        "xgboost_seconds": xgb_s,
+        "kernel_autotuned_seconds": tuned_s,
+        "autotuned_tile": best_config(),
+        "kernel_seconds_by_tile": tiles,
+        "best_tile": best_tile,
+        "xgboost_over_kernel_time": xgb_s / tiles[best_tile] if xgb_s else None,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
@@ -76,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
         print("skipped: no CUDA device")
         return 0
-    from kernels.tree_predict import AUTOTUNE_CONFIGS, best_config, forest_to_device, tree_predict
+    from kernels.tree_predict import forest_to_device, tree_predict
     from tasks.xgboost_onnx import complete_forest
 
     rng = np.random.default_rng(args.seed)
@@ -102,24 +146,28 @@ def main(argv: list[str] | None = None) -> int:
     x = cupy.asarray(synthetic_rows(rng, args.rows, args.features))
     sync = cupy.cuda.Device().synchronize
 
-    def xgboost_predict() -> Any:
-        return booster.inplace_predict(x)
+    def xgboost_predict(matrix: Any) -> Any:
+        return booster.inplace_predict(matrix)
 
-    def kernel_predict(**tile: Any) -> Any:
-        return tree_predict(x, device_forest, **tile)
+    def kernel_predict(matrix: Any, **tile: Any) -> Any:
+        return tree_predict(matrix, device_forest, **tile)
 
-    want = cupy.asarray(xgboost_predict()).reshape(-1)
-    got = cupy.from_dlpack(kernel_predict())
-    max_diff = float(cupy.abs(got - want).max())
-    xgb_s = median_seconds(xgboost_predict, args.reps, sync)
-    tuned_s = median_seconds(kernel_predict, args.reps, sync)
-    tiles = {
-        f"BLOCK={b},warps={nw}": median_seconds(
-            lambda b=b, nw=nw: kernel_predict(block=b, num_warps=nw), args.reps, sync
-        )
-        for b, nw in AUTOTUNE_CONFIGS
+    want = cupy.asarray(xgboost_predict(x)).reshape(-1)
+    layouts = {
+        "row_major": time_layout(x, want, xgboost_predict, kernel_predict, args.reps, sync),
+        # same values, each feature's column contiguous: an (n, k) view with strides (1, n)
+        "feature_major": time_layout(
+            cupy.asfortranarray(x), want, xgboost_predict, kernel_predict, args.reps, sync
+        ),
     }
-    best_tile = min(tiles, key=tiles.__getitem__)
+    row = layouts["row_major"]
+    max_diff = max(layout["max_abs_diff_vs_xgboost"] for layout in layouts.values())
+    xgb_s, tuned_s, tiles = (
+        row["xgboost_seconds"],
+        row["kernel_autotuned_seconds"],
+        row["kernel_seconds_by_tile"],
+    )
+    best_tile = row["best_tile"]
     report = {
         "gpu": torch.cuda.get_device_name(),
         "host": platform.node(),
@@ -135,11 +183,12 @@ def main(argv: list[str] | None = None) -> int:
         "xgboost_rows_per_s": args.rows / xgb_s,
         "kernel_autotuned_seconds": tuned_s,
         "kernel_autotuned_rows_per_s": args.rows / tuned_s,
-        "autotuned_tile": best_config(),
+        "autotuned_tile": row["autotuned_tile"],
         "kernel_seconds_by_tile": tiles,
         "best_tile": best_tile,
         "kernel_best_tile_rows_per_s": args.rows / tiles[best_tile],
         "xgboost_over_kernel_time": xgb_s / tiles[best_tile],
+        "layouts": layouts,
     }
     print(
         f"{args.rows:,} rows, {args.trees} trees depth {args.depth}: XGBoost "
@@ -147,8 +196,18 @@ def main(argv: list[str] | None = None) -> int:
         f"rows/s ({best_tile}; autotuned {args.rows / tuned_s / 1e6:.1f}M), "
         f"{xgb_s / tiles[best_tile]:.2f}x; max |diff| {max_diff:.2e}"
     )
-    for tile, secs in tiles.items():
-        print(f"  {tile}: {secs * 1e3:.2f} ms")
+    for name, layout in layouts.items():
+        best = layout["kernel_seconds_by_tile"][layout["best_tile"]]
+        xgb_seconds = layout["xgboost_seconds"]
+        xgb_text = f"{xgb_seconds * 1e3:.2f} ms" if xgb_seconds else "refused"
+        print(
+            f"{name}: XGBoost {xgb_text}, kernel "
+            f"{best * 1e3:.2f} ms ({layout['best_tile']}; autotuned "
+            f"{layout['kernel_autotuned_seconds'] * 1e3:.2f} ms), XGBoost / kernel "
+            f"{layout['xgboost_over_kernel_time']}"
+        )
+        for tile, secs in layout["kernel_seconds_by_tile"].items():
+            print(f"  {tile}: {secs * 1e3:.2f} ms")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2))

@@ -331,11 +331,13 @@ def _tree_predict_kernel(
     base_margin,
     n_features,
     n_bucket,
+    layout,
     DEPTH: tl.constexpr,
     BLOCK: tl.constexpr,
     IDX64: tl.constexpr,
 ):
-    # n_features and n_bucket are unused in the body: they are autotune keys only.
+    # n_features, n_bucket and layout are unused in the body: they are autotune keys only (the
+    # best tile of a row-major matrix need not be that of a feature-major one).
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     if IDX64:
@@ -381,7 +383,8 @@ def _build_kernels(interpret: bool) -> dict[str, Any]:
 
     tl = language
     jitted = triton.jit(
-        _tree_predict_kernel, do_not_specialize=["n", "n_trees", "n_features", "n_bucket"]
+        _tree_predict_kernel,
+        do_not_specialize=["n", "n_trees", "n_features", "n_bucket", "layout"],
     )
     kernels: dict[str, Any] = {"plain": jitted}
     if not interpret:
@@ -389,7 +392,7 @@ def _build_kernels(interpret: bool) -> dict[str, Any]:
             configs=[
                 triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in AUTOTUNE_CONFIGS
             ],
-            key=["n_features", "DEPTH", "IDX64", "n_bucket"],
+            key=["n_features", "DEPTH", "IDX64", "n_bucket", "layout"],
             cache_results=AUTOTUNE_CACHE_RESULTS,
         )(jitted)
     _KERNELS[mode] = kernels
@@ -434,7 +437,9 @@ def tree_predict(
         x: (n, n_features) float32 or float16 matrix (others are converted to float32) on the
             forest's device: a torch CUDA tensor, CuPy array or anything with
             __cuda_array_interface__ / DLPack; CPU torch tensors under TRITON_INTERPRET=1.
-            Any strides; row-major keeps each row's features in one cache line.
+            Any strides. Row-major keeps each row's features in one cache line; feature-major
+            (x.T contiguous) makes the lanes of a warp that split on the same feature read one
+            cache line (`bench/bench_tree_predict.py` times both).
         forest: from `forest_to_device`.
         out: optional float32 (n,) destination on the same device; returned when given.
         block, num_warps: fix the tile instead of autotuning (experiments).
@@ -482,6 +487,7 @@ def tree_predict(
         float(np.float32(forest.base_margin)),
         forest.n_features,
         n.bit_length(),
+        int(stride_col != 1),  # 0: each row's features adjacent; 1: e.g. feature-major
     )
     meta = {"DEPTH": forest.depth, "IDX64": idx64}
     kernels = _build_kernels(interpret)
