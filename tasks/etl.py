@@ -32,6 +32,7 @@ from tasks.drift import array_module_of, matrix_bin_counts
 from tasks.frames import (
     compute,
     computed,
+    is_int64_dtype,
     is_lazy,
     map_frame,
     persisted,
@@ -704,8 +705,7 @@ def delta_id_columns(frame: Any, id_col: str) -> list[str]:
     writers, cuDF's on a GPU included."""
     if id_col not in frame.columns:
         return []
-    dtype = frame[id_col].dtype
-    return [id_col] if dtype.kind == "i" and dtype.itemsize == 8 else []
+    return [id_col] if is_int64_dtype(frame[id_col].dtype) else []
 
 
 def raw_dtypes(frame: Any) -> dict[str, str]:

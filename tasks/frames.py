@@ -19,6 +19,9 @@ from tasks.config import EtlFrames
 from tasks.gpu_features import is_cudf
 
 PART_FILE = "part.0.parquet"  # the name dask gives the first partition's file
+# The parquet encoding of integer ids in every file gpupipe writes (features, raw test split,
+# predictions), for cuDF's and pyarrow's writers alike.
+DELTA_ENCODING = "DELTA_BINARY_PACKED"
 
 
 def is_lazy(value: Any) -> bool:
@@ -76,10 +79,16 @@ def delta_encoding(
     chosen = [c for c in delta if c in columns]
     if not chosen:
         return {}
-    encoding = {c: "DELTA_BINARY_PACKED" for c in chosen}
+    encoding = dict.fromkeys(chosen, DELTA_ENCODING)
     if cudf_writer:
         return {"column_encoding": encoding}
     return {"column_encoding": encoding, "use_dictionary": [c for c in columns if c not in chosen]}
+
+
+def is_int64_dtype(dtype: Any) -> bool:
+    """Whether a NumPy, pandas or cuDF column dtype is 64-bit signed integers (nullable ones
+    included): the id type written delta-encoded, tested through every writer."""
+    return getattr(dtype, "kind", None) == "i" and getattr(dtype, "itemsize", 0) == 8
 
 
 # Peak device memory of the in-memory ETL over the raw columns' bytes: the raw table, its

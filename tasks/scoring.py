@@ -75,6 +75,7 @@ from tasks.drift import (
     matrix_bin_counts_segments,
     merge_counts,
 )
+from tasks.frames import DELTA_ENCODING, is_int64_dtype
 from tasks.io import (
     ColumnRoles,
     DataError,
@@ -138,9 +139,6 @@ GPU_TASK_BYTES = 4 << 30
 OUTPUT_DICTIONARY_COLUMNS = [LABEL_COLUMN, MODEL_NAME_COLUMN, MODEL_VERSION_COLUMN]
 
 
-DELTA_ENCODING = "DELTA_BINARY_PACKED"
-
-
 @dataclass(frozen=True)
 class OutputFormat:
     """How the predictions files are encoded: the codec of every column, and whether an int64
@@ -183,11 +181,6 @@ class OutputFormat:
         if delta:
             options["column_encoding"] = dict.fromkeys(delta, DELTA_ENCODING)
         return options
-
-
-def is_int64_dtype(dtype: Any) -> bool:
-    """Whether a NumPy or cuDF column dtype is 64-bit signed integers (nulls allowed in cuDF)."""
-    return getattr(dtype, "kind", None) == "i" and getattr(dtype, "itemsize", 0) == 8
 
 
 _OUTPUT_NAME = re.compile(r"^.+-[0-9a-f]{16}-.+-v\d+\.parquet$")
